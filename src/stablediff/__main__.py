@@ -1,0 +1,3 @@
+from stablediff.cli import main
+
+main()

@@ -1,0 +1,41 @@
+"""The `stablediff` command line: one module per command group, registered here."""
+
+from __future__ import annotations
+
+import click
+
+from stablediff.cli.errors import run_cli
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
+@click.version_option(package_name="stablediff")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Train, fine-tune, evaluate and run Stable Diffusion models without losing work."""
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+def _register() -> None:
+    from stablediff.cli import demo, generate, train
+
+    cli.add_command(train.train)
+    cli.add_command(demo.demo)
+    cli.add_command(generate.generate)
+    for optional in ("ckpt", "data"):
+        # Command groups built by other parts of the package; each module exposes `group`.
+        try:
+            module = __import__(f"stablediff.cli.{optional}", fromlist=["group"])
+        except ModuleNotFoundError as exc:
+            if exc.name != f"stablediff.cli.{optional}":
+                raise
+            continue
+        cli.add_command(module.group)
+
+
+_register()
+
+
+def main() -> None:
+    run_cli(cli)

@@ -1,0 +1,20 @@
+"""`stablediff train CONFIG`: run a training config end to end."""
+
+from __future__ import annotations
+
+import click
+
+from stablediff.cli.options import config_options, resolve_run
+
+
+@click.command()
+@click.argument("config_name", metavar="CONFIG")
+@config_options
+def train(config_name: str, run_dir, overrides) -> None:
+    """Train the model described by CONFIG (a YAML file or a bundled recipe: digits, tiny)."""
+    config, run_dir = resolve_run(config_name, run_dir, overrides)
+    from stablediff.training.run import run_training
+
+    result = run_training(config, run_dir)
+    click.echo(f"done: final loss {result.final_loss:.4f}; model in {result.export_dir}; "
+               f"samples in {run_dir / 'samples'}")

