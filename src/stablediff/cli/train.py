@@ -10,11 +10,17 @@ from stablediff.cli.options import config_options, resolve_run
 @click.command()
 @click.argument("config_name", metavar="CONFIG")
 @config_options
-def train(config_name: str, run_dir, overrides) -> None:
+@click.option("--fresh", is_flag=True, help="Refuse to reuse a non-empty run directory instead of resuming.")
+def train(config_name: str, run_dir, overrides, fresh: bool) -> None:
     """Train the model described by CONFIG (a YAML file or a bundled recipe: digits, tiny)."""
     config, run_dir = resolve_run(config_name, run_dir, overrides)
+    from stablediff.training.checkpointing import TrainingInterrupted
     from stablediff.training.run import run_training
 
-    result = run_training(config, run_dir)
+    try:
+        result = run_training(config, run_dir, fresh=fresh)
+    except TrainingInterrupted as stop:
+        click.echo(str(stop), err=True)
+        return
     click.echo(f"done: final loss {result.final_loss:.4f}; model in {result.export_dir}; "
                f"samples in {run_dir / 'samples'}")

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -18,6 +19,8 @@ from stablediff.data.digits import load_digits
 from stablediff.inference.pipeline import assemble_pipeline, image_grid, txt2img
 from stablediff.models.build import build_noise_scheduler, build_unet, build_vae, count_parameters, vae_downscale
 from stablediff.models.text_encoder import load_text_encoder
+from stablediff.training import state as train_state
+from stablediff.training.checkpointing import RunCheckpointer, find_resume, open_stores
 from stablediff.training.features import encode_dataset
 from stablediff.training.metrics import MetricsLog
 from stablediff.training.seeding import seed_everything
@@ -39,7 +42,9 @@ def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def prepare_run_dir(config: RunConfig, run_dir: Path) -> None:
+def prepare_run_dir(config: RunConfig, run_dir: Path, fresh: bool) -> None:
+    if fresh and run_dir.exists() and any(run_dir.iterdir()):
+        raise FileExistsError(f"--fresh: {run_dir} is not empty; choose a new --run-dir or remove it")
     run_dir.mkdir(parents=True, exist_ok=True)
     for sub in ("samples", "export"):
         (run_dir / sub).mkdir(exist_ok=True)
@@ -58,25 +63,18 @@ def load_training_images(config: RunConfig):
     return images_to_tensor(train.images[:n]), images_to_tensor(held.images), captions
 
 
-def run_training(config: RunConfig, run_dir: Path) -> RunResult:
+def run_training(config: RunConfig, run_dir: Path, fresh: bool = False) -> RunResult:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
-    prepare_run_dir(config, run_dir)
+    prepare_run_dir(config, run_dir, fresh)
     metrics = MetricsLog(run_dir / "metrics.jsonl")
+    primary, replicas = open_stores(run_dir, config.checkpoint)
+    resume = find_resume(primary, replicas, say)
     seed_everything(config.seed)
     images, held_out, captions = load_training_images(config)
     text_encoder = load_text_encoder(config.text_encoder.name, config.text_encoder.max_length)
-
-    vae = build_vae(config.vae, config.data.resolution)
-    vae_report = None
-    if not config.vae.pretrained and config.vae.train_steps > 0:
-        say(f"stage 1: autoencoder, {count_parameters(vae) / 1e6:.2f}M parameters, {config.vae.train_steps} steps")
-        vae_report = train_vae(vae, images, held_out, config.vae, config.seed, log=metrics.write)
-        say(f"autoencoder held-out reconstruction: MSE {vae_report.held_out_mse:.4f}, "
-            f"PSNR {vae_report.held_out_psnr:.1f} dB")
-        metrics.write(stage="vae", held_out_mse=vae_report.held_out_mse, held_out_psnr=vae_report.held_out_psnr)
-    vae.requires_grad_(False).eval()
+    vae, vae_report = vae_stage(config, images, held_out, resume, metrics)
 
     data = encode_dataset(vae, images, captions, text_encoder)
     latent_size = config.data.resolution // vae_downscale(vae)
@@ -84,10 +82,27 @@ def run_training(config: RunConfig, run_dir: Path) -> RunResult:
     unet = build_unet(config.unet, vae.config.latent_channels, latent_size, text_encoder.hidden_size)
     noise_scheduler = build_noise_scheduler(config.noise, config.train.prediction_type)
     state = make_train_state(unet, config.train, len(data), config.seed)
-    say(f"stage 2: text-to-image UNet, {count_parameters(unet) / 1e6:.2f}M parameters, "
-        f"{config.train.max_steps} steps of {config.train.batch_size} on {len(data)} images")
-    train_unet(state, data, noise_scheduler, config.train, vae.config.scaling_factor, config.data.caption_dropout,
-               config.seed, metrics)
+    state.extra = {"vae_scaling_factor": vae.config.scaling_factor,
+                   "vae_report": asdict(vae_report) if vae_report else None}
+    fingerprints = {"code": train_state.code_fingerprint(), "data": train_state.data_fingerprint(images, captions),
+                    "text_encoder": text_encoder.fingerprint}
+    if resume is not None:
+        train_state.restore(state, resume.tensors, resume.meta)
+    capture = partial(train_state.capture, state, vae, config.model_dump(mode="json"), fingerprints)
+
+    checkpointer = RunCheckpointer(primary, replicas, config.checkpoint, say)
+    checkpointer.install_signal_handlers()
+    try:
+        if resume is None:  # protects stage 1's work before stage 2 starts
+            checkpointer.save(*capture(), {})
+        say(f"stage 2: text-to-image UNet, {count_parameters(unet) / 1e6:.2f}M parameters, "
+            f"{config.train.max_steps} steps of {config.train.batch_size} on {len(data)} images")
+        train_unet(state, data, noise_scheduler, config.train, vae.config.scaling_factor,
+                   config.data.caption_dropout, config.seed, metrics,
+                   on_step_end=lambda s: checkpointer.after_step(s.step, capture, {"train_loss": s.last_loss}))
+        checkpointer.finish(state.step, capture, {"train_loss": state.last_loss})
+    finally:
+        checkpointer.close()
 
     pipe = assemble_pipeline(vae, text_encoder.model, text_encoder.tokenizer, state.ema.model,
                              dict(noise_scheduler.config))
@@ -95,6 +110,24 @@ def run_training(config: RunConfig, run_dir: Path) -> RunResult:
     pipe.save_pretrained(export_dir, safe_serialization=True)
     write_sample_grid(pipe, config, run_dir / "samples" / "final.png")
     return RunResult(run_dir, export_dir, vae_report, state.last_loss, 0.0, pipe)
+
+
+def vae_stage(config: RunConfig, images, held_out, resume, metrics: MetricsLog):
+    """Stage 1: the autoencoder from a checkpoint, a pretrained folder, or trained here."""
+    vae = build_vae(config.vae, config.data.resolution)
+    vae_report = None
+    if resume is not None:
+        vae.load_state_dict(train_state.vae_weights(resume.tensors))
+        vae.register_to_config(scaling_factor=resume.meta["vae_scaling_factor"])
+        if resume.meta.get("vae_report"):
+            vae_report = VAEReport(**resume.meta["vae_report"])
+    elif not config.vae.pretrained and config.vae.train_steps > 0:
+        say(f"stage 1: autoencoder, {count_parameters(vae) / 1e6:.2f}M parameters, {config.vae.train_steps} steps")
+        vae_report = train_vae(vae, images, held_out, config.vae, config.seed, log=metrics.write)
+        say(f"autoencoder held-out reconstruction: MSE {vae_report.held_out_mse:.4f}, "
+            f"PSNR {vae_report.held_out_psnr:.1f} dB")
+        metrics.write(stage="vae", held_out_mse=vae_report.held_out_mse, held_out_psnr=vae_report.held_out_psnr)
+    return vae.requires_grad_(False).eval(), vae_report
 
 
 def write_sample_grid(pipe, config: RunConfig, path: Path) -> list:

@@ -1,0 +1,115 @@
+"""The training run's side of the checkpoint store: when to save, where to resume, SIGTERM.
+
+One place decides where a run resumes (`find_resume`): the newest checkpoint
+that verifies in the primary store, with replicas as fallbacks for damaged
+chunks. Saves go through the asynchronous writer; SIGTERM/SIGINT set a flag
+that the loop checks at the next step boundary, where an emergency checkpoint
+is written before the run stops.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+from typing import Callable
+
+from stablediff.checkpoint import AsyncCheckpointer, CheckpointError, CheckpointStore, LoadedCheckpoint, RetentionPolicy
+from stablediff.config.schema import CheckpointConfig
+from stablediff.training import state as train_state
+
+
+class TrainingInterrupted(Exception):
+    """Raised after the emergency checkpoint of a SIGTERM/SIGINT has been committed."""
+
+    def __init__(self, signal_name: str, step: int) -> None:
+        super().__init__(f"{signal_name}: saved a checkpoint at step {step}; run the same command to continue")
+        self.signal_name, self.step = signal_name, step
+
+
+def open_stores(run_dir: Path, cfg: CheckpointConfig) -> tuple[CheckpointStore, list[CheckpointStore]]:
+    return CheckpointStore(run_dir / "checkpoints"), [CheckpointStore(r) for r in cfg.replicas]
+
+
+def find_resume(primary: CheckpointStore, replicas: list[CheckpointStore], say: Callable[[str], None]) -> LoadedCheckpoint | None:
+    """The newest verifying checkpoint, or None for a fresh run; says what it skipped or repaired."""
+    if not primary.steps() and not any(_has_checkpoints(r) for r in replicas):
+        return None
+    try:
+        loaded = primary.load(fallbacks=replicas)
+    except CheckpointError as exc:
+        raise CheckpointError(f"cannot resume from {primary}: {exc}. Run `stablediff ckpt verify` and "
+                              "`stablediff ckpt repair` on the run directory, or start a fresh run directory.") from None
+    for note in loaded.notes():
+        say(note)
+    say(f"resumed from step {loaded.step}")
+    return loaded
+
+
+def _has_checkpoints(store: CheckpointStore) -> bool:
+    try:
+        return bool(store.steps())
+    except OSError:
+        return False
+
+
+class RunCheckpointer:
+    """Saves the run on schedule and on signals; owns the async writer."""
+
+    def __init__(self, primary: CheckpointStore, replicas: list[CheckpointStore], cfg: CheckpointConfig,
+                 say: Callable[[str], None]) -> None:
+        retention = RetentionPolicy(keep_last=cfg.keep_last, keep_best=cfg.keep_best, best_metric="val_loss",
+                                    keep_every=cfg.keep_every)
+        self.writer = AsyncCheckpointer(primary, replicas, retention, log=say)
+        self.cfg, self.say = cfg, say
+        self._last_save_time = time.monotonic()
+        self._last_saved_step: int | None = None
+        self.stop_signal: str | None = None
+        self._previous_handlers: dict[int, object] = {}
+
+    # -- signals -------------------------------------------------------------------
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame) -> None:
+        self.stop_signal = signal.Signals(signum).name
+        self.say(f"{self.stop_signal} received: saving a checkpoint at the end of this step")
+
+    def restore_signal_handlers(self) -> None:
+        for sig, handler in self._previous_handlers.items():
+            signal.signal(sig, handler)
+        self._previous_handlers.clear()
+
+    # -- saving --------------------------------------------------------------------
+    def save(self, tensors: dict, meta: dict, metrics: dict | None = None) -> None:
+        step = int(meta["step"])
+        self.writer.snapshot_and_save(step, tensors, meta, metrics or {})
+        self._last_save_time, self._last_saved_step = time.monotonic(), step
+
+    def due(self, step: int) -> bool:
+        if self.cfg.every_steps and step % self.cfg.every_steps == 0:
+            return True
+        return bool(self.cfg.every_seconds and time.monotonic() - self._last_save_time >= self.cfg.every_seconds)
+
+    def after_step(self, step: int, capture: Callable[[], tuple[dict, dict]], metrics: dict) -> None:
+        """Called at every step boundary: scheduled saves, and the emergency save on a signal."""
+        if self.stop_signal is not None:
+            self.save(*capture(), metrics)
+            self.writer.wait()
+            raise TrainingInterrupted(self.stop_signal, step)
+        if self.due(step):
+            self.save(*capture(), metrics)
+
+    def finish(self, step: int, capture: Callable[[], tuple[dict, dict]], metrics: dict) -> None:
+        """The final checkpoint (unless this step was just saved), then wait for the writer."""
+        if self._last_saved_step != step:
+            self.save(*capture(), metrics)
+        self.close()
+
+    def close(self) -> None:
+        self.restore_signal_handlers()
+        self.writer.close()
+
+
+__all__ = ["RunCheckpointer", "TrainingInterrupted", "find_resume", "open_stores", "train_state"]

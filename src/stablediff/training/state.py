@@ -1,0 +1,118 @@
+"""What a resumable checkpoint holds, and how it is taken from and put back into a run.
+
+Tensors (flat names, stored as content-addressed chunks):
+  vae/*            the autoencoder (frozen after stage 1: costs no bytes after the first save)
+  unet/*, ema/*    the UNet and its moving average
+  optim/<i>/<key>  AdamW's per-parameter state (exp_avg, exp_avg_sq, step)
+  rng/torch, rng/numpy  the global generators' states
+JSON meta: stage, step and image counters, sampler position, optimizer param
+groups, LR-schedule state, python's RNG state, the resolved config, the VAE
+report and the code/data fingerprints. Everything else in a run is a pure
+function of these (per-step randomness is seeded by (seed, step, rank)).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import stablediff
+
+UNET_STAGE = "unet"
+
+
+def capture(state, vae: torch.nn.Module, config_dump: dict, fingerprints: dict) -> tuple[dict, dict]:
+    """(tensors, meta) of a UNetTrainState at a step boundary; tensors are views, not copies."""
+    tensors: dict[str, torch.Tensor] = {}
+    tensors.update(_prefixed("vae", vae.state_dict()))
+    tensors.update(_prefixed("unet", state.unet.state_dict()))
+    tensors.update(_prefixed("ema", state.ema.state_dict()))
+    optim = state.optimizer.state_dict()
+    for index, per_param in optim["state"].items():
+        for key, value in per_param.items():
+            tensors[f"optim/{index}/{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    tensors["rng/torch"] = torch.get_rng_state()
+    np_state = np.random.get_state()
+    tensors["rng/numpy"] = torch.from_numpy(np_state[1].astype(np.int64))
+    meta = {
+        "stage": UNET_STAGE,
+        "step": state.step,
+        "images_seen": state.images_seen,
+        "sampler": state.sampler.state_dict(),
+        "optimizer_param_groups": optim["param_groups"],
+        "lr_scheduler": _plain(state.lr_scheduler.state_dict()),
+        "rng": {"python": _plain(random.getstate()), "numpy": [np_state[0], *map(_plain, np_state[2:])]},
+        "config": config_dump,
+        "fingerprints": fingerprints,
+        **state.extra,
+    }
+    return tensors, meta
+
+
+def restore(state, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Put a checkpoint back into a freshly built UNetTrainState (same config)."""
+    state.unet.load_state_dict(_unprefixed("unet", tensors))
+    state.ema.load_state_dict(_unprefixed("ema", tensors))
+    optim_state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim/"):
+            _, index, key = name.split("/", 2)
+            optim_state.setdefault(int(index), {})[key] = value
+    state.optimizer.load_state_dict({"state": optim_state, "param_groups": meta["optimizer_param_groups"]})
+    state.lr_scheduler.load_state_dict(meta["lr_scheduler"])
+    state.sampler.load_state_dict(meta["sampler"])
+    state.step, state.images_seen = int(meta["step"]), int(meta["images_seen"])
+    torch.set_rng_state(tensors["rng/torch"])
+    np_meta = meta["rng"]["numpy"]
+    np.random.set_state((np_meta[0], tensors["rng/numpy"].numpy().astype(np.uint32), *np_meta[1:]))
+    random.setstate(_tuples(meta["rng"]["python"]))
+
+
+def vae_weights(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return _unprefixed("vae", tensors)
+
+
+def code_fingerprint() -> str:
+    """The package version plus the git commit when running from a checkout."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(stablediff.__file__).parent,
+                                capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{stablediff.__version__}+{commit}" if commit else stablediff.__version__
+
+
+def data_fingerprint(images: torch.Tensor, captions: list[list[str]]) -> str:
+    digest = hashlib.blake2b(images.numpy().tobytes(), digest_size=16)
+    digest.update("\x00".join("\x01".join(c) for c in captions).encode())
+    return digest.hexdigest()
+
+
+def _prefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"{prefix}/{k}": v for k, v in tensors.items()}
+
+
+def _unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    start = len(prefix) + 1
+    return {k[start:]: v for k, v in tensors.items() if k.startswith(prefix + "/")}
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready copy: tuples become lists, numpy scalars become Python numbers."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _tuples(value: Any) -> Any:
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
