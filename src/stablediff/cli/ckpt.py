@@ -1,0 +1,135 @@
+"""`stablediff ckpt list|info|verify|repair|gc RUN_DIR_OR_STORE`: inspect and mend checkpoint stores."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+
+import click
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from stablediff.checkpoint import CheckpointStore, gc, repair
+from stablediff.cli.errors import UserError
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def open_target(target: str, extra_replicas: tuple[str, ...]) -> tuple[CheckpointStore, list[CheckpointStore]]:
+    """A run directory (its checkpoints/ and configured replicas) or a store location."""
+    path = Path(target)
+    replicas = list(extra_replicas)
+    if (path / "config.yaml").is_file() or (path / "checkpoints").is_dir():
+        config = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").is_file() else {}
+        replicas = list((config or {}).get("checkpoint", {}).get("replicas", [])) + replicas
+        path = path / "checkpoints"
+    if "://" not in target and not (path / "manifests").is_dir():
+        raise UserError(f"{target} holds no checkpoint store (no manifests/ folder); give a run directory "
+                        "or the store itself")
+    return CheckpointStore(str(path) if "://" not in target else target), [CheckpointStore(r) for r in replicas]
+
+
+replica_option = click.option("--replica", "replicas", multiple=True, metavar="LOCATION",
+                              help="Another store holding copies (added to the run's configured replicas).")
+
+
+@click.group(name="ckpt")
+def group() -> None:
+    """Inspect, verify, repair and clean checkpoint stores."""
+
+
+@group.command(name="list")
+@click.argument("target")
+@replica_option
+def list_cmd(target: str, replicas) -> None:
+    """One line per checkpoint: step, time, size, bytes new in it, metrics, replicas holding it."""
+    store, others = open_target(target, replicas)
+    held = {r.location: set(_steps_or_empty(r)) for r in others}
+    table = Table("step", "time", "size", "new", "metrics", "replicas", "ok")
+    for s in store.list():
+        when = dt.datetime.fromtimestamp(s.time).strftime("%Y-%m-%d %H:%M:%S") if s.time else "?"
+        metrics = ", ".join(f"{k}={v:.4g}" for k, v in s.metrics.items())
+        holding = sum(s.step in steps for steps in held.values())
+        table.add_row(str(s.step), when, human_bytes(s.bytes_total), human_bytes(s.bytes_new), metrics,
+                      f"{holding}/{len(others)}", "yes" if s.valid else f"NO: {s.problem}")
+    Console(width=160).print(table)
+
+
+def _steps_or_empty(store: CheckpointStore) -> list[int]:
+    try:
+        return store.steps()
+    except OSError:
+        return []
+
+
+@group.command()
+@click.argument("target")
+@click.option("--step", type=int, default=None, help="Which checkpoint (default: the newest).")
+def info(target: str, step: int | None) -> None:
+    """A checkpoint's metadata: counters, metrics, fingerprints, tensors by group."""
+    store, _ = open_target(target, ())
+    steps = store.steps()
+    if not steps:
+        raise UserError(f"{target} holds no checkpoints")
+    manifest = store.read_manifest(step if step is not None else steps[-1])
+    groups: dict[str, list[int]] = {}
+    for name, entry in manifest.tensors.items():
+        g = groups.setdefault(name.split("/")[0], [0, 0])
+        g[0] += 1
+        g[1] += entry.nbytes
+    meta = {k: v for k, v in manifest.meta.items() if k not in ("config", "rng", "optimizer_param_groups")}
+    click.echo(json.dumps({"step": manifest.step, "time": manifest.time, "bytes_total": manifest.bytes_total,
+                           "bytes_new": manifest.bytes_new, "metrics": manifest.metrics,
+                           "tensors": {g: {"count": c, "bytes": b} for g, (c, b) in groups.items()},
+                           "meta": meta}, indent=2, default=str))
+
+
+@group.command()
+@click.argument("target")
+@click.option("--deep", is_flag=True, help="Re-hash every chunk (slower) instead of checking presence and size.")
+def verify(target: str, deep: bool) -> None:
+    """Check every manifest and chunk; exit 1 with a per-chunk report when anything is wrong."""
+    store, _ = open_target(target, ())
+    report = store.verify(deep=deep)
+    for line in report.lines():
+        click.echo(line)
+    checked = f"{len(report.steps_ok)} checkpoints verified, {report.chunks_checked} chunks checked"
+    if not report.ok:
+        click.echo(f"damaged: steps {report.damaged_steps}; {checked}. Run `stablediff ckpt repair` "
+                   "with a replica to restore them.", err=True)
+        sys.exit(1)
+    click.echo(f"ok: {checked}" + (" (deep)" if deep else ""))
+
+
+@group.command(name="repair")
+@click.argument("target")
+@replica_option
+def repair_cmd(target: str, replicas) -> None:
+    """Restore bad or missing chunks of the primary from replicas, then re-sync every replica."""
+    store, others = open_target(target, replicas)
+    if not others:
+        raise UserError("repair needs at least one replica: configure checkpoint.replicas or pass --replica")
+    report = repair(store, others)
+    for line in report.lines():
+        click.echo(line)
+    if not report.ok:
+        sys.exit(1)
+
+
+@group.command(name="gc")
+@click.argument("target")
+def gc_cmd(target: str) -> None:
+    """Remove chunks no manifest references and temp files left by interrupted writes."""
+    store, _ = open_target(target, ())
+    report = gc(store)
+    click.echo(f"removed {report.chunks_removed} chunks ({human_bytes(report.bytes_freed)}) and "
+               f"{report.temp_files_removed} temp files; kept {report.young_files_kept} recent files")
