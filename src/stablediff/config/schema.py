@@ -29,6 +29,8 @@ class DataConfig(Section):
     resolution: int = Field(32, ge=8, description="side of the square training images, in pixels")
     caption_dropout: float = Field(0.1, ge=0.0, le=1.0, description="share of captions replaced by '' (for CFG)")
     max_reject_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    caption_policy: Literal["error", "empty", "filename"] = Field(
+        "error", description="a sample without a caption: reject it, use '', or use the file name")
     limit: int | None = Field(None, ge=1, description="use only the first N training samples (quick runs)")
 
 

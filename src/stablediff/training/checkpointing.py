@@ -87,6 +87,10 @@ class RunCheckpointer:
         self.writer.snapshot_and_save(step, tensors, meta, metrics or {})
         self._last_save_time, self._last_saved_step = time.monotonic(), step
 
+    def mark_saved(self, step: int) -> None:
+        """A resumed run's starting step is already in the store."""
+        self._last_saved_step = step
+
     def due(self, step: int) -> bool:
         if self.cfg.every_steps and step % self.cfg.every_steps == 0:
             return True

@@ -16,6 +16,7 @@ import torch
 
 from stablediff.config import RunConfig, dump_config
 from stablediff.data.digits import load_digits
+from stablediff.data.loading import load_captioned_images
 from stablediff.inference.pipeline import assemble_pipeline, image_grid, txt2img
 from stablediff.models.build import build_noise_scheduler, build_unet, build_vae, count_parameters, vae_downscale
 from stablediff.models.text_encoder import load_text_encoder
@@ -51,16 +52,17 @@ def prepare_run_dir(config: RunConfig, run_dir: Path, fresh: bool) -> None:
     (run_dir / "config.yaml").write_text(dump_config(config))
 
 
-def load_training_images(config: RunConfig):
-    if config.data.source != "builtin:digits":
-        raise ValueError(
-            f"data.source {config.data.source!r}: this version trains on 'builtin:digits' only; "
-            "folders, tar shards and parquet arrive with the data pipeline"
-        )
-    train, held = load_digits(config.data.resolution)
-    n = config.data.limit or len(train)
-    captions = [train.captions_for(i) for i in range(n)]
-    return images_to_tensor(train.images[:n]), images_to_tensor(held.images), captions
+def load_training_images(config: RunConfig, run_dir: Path):
+    """(images, held_out, captions): the digits' fixed split, or any source through validation."""
+    if config.data.source == "builtin:digits":
+        train, held = load_digits(config.data.resolution)
+        n = config.data.limit or len(train)
+        captions = [train.captions_for(i) for i in range(n)]
+        return images_to_tensor(train.images[:n]), images_to_tensor(held.images), captions
+    data = load_captioned_images(config.data.source, config.data.resolution, run_dir,
+                                 config.data.max_reject_fraction, config.data.caption_policy, config.data.limit)
+    say(f"data: {len(data.captions)} training and {len(data.held_out)} held-out samples from {config.data.source}")
+    return data.images, data.held_out, data.captions
 
 
 def run_training(config: RunConfig, run_dir: Path, fresh: bool = False) -> RunResult:
@@ -72,7 +74,7 @@ def run_training(config: RunConfig, run_dir: Path, fresh: bool = False) -> RunRe
     primary, replicas = open_stores(run_dir, config.checkpoint)
     resume = find_resume(primary, replicas, say)
     seed_everything(config.seed)
-    images, held_out, captions = load_training_images(config)
+    images, held_out, captions = load_training_images(config, run_dir)
     text_encoder = load_text_encoder(config.text_encoder.name, config.text_encoder.max_length)
     vae, vae_report = vae_stage(config, images, held_out, resume, metrics)
 
@@ -95,6 +97,8 @@ def run_training(config: RunConfig, run_dir: Path, fresh: bool = False) -> RunRe
     try:
         if resume is None:  # protects stage 1's work before stage 2 starts
             checkpointer.save(*capture(), {})
+        else:
+            checkpointer.mark_saved(resume.step)
         say(f"stage 2: text-to-image UNet, {count_parameters(unet) / 1e6:.2f}M parameters, "
             f"{config.train.max_steps} steps of {config.train.batch_size} on {len(data)} images")
         train_unet(state, data, noise_scheduler, config.train, vae.config.scaling_factor,

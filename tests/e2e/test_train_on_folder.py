@@ -1,0 +1,39 @@
+"""Training on a user's folder: bad files are quarantined with their reason and the run goes on."""
+
+import json
+
+import numpy as np
+from PIL import Image
+
+from tests.conftest import run_cli
+
+
+def make_folder(root, good: int, bad: int):
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(good):
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(root / f"img{i}.png")
+        (root / f"img{i}.txt").write_text(f"a noisy picture number {i}")
+    for i in range(bad):
+        (root / f"broken{i}.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+        (root / f"broken{i}.txt").write_text("broken")
+    return root
+
+
+def test_a_corrupt_image_is_quarantined_and_training_finishes(tmp_path):
+    source = make_folder(tmp_path / "data", good=30, bad=1)
+    run_dir = tmp_path / "run"
+    result = run_cli("train", "tiny", "--run-dir", str(run_dir), "--set", f"data.source={source}",
+                     "--set", "data.max_reject_fraction=0.1")
+    assert result.returncode == 0, result.stderr
+    rejects = [json.loads(line) for line in (run_dir / "quarantine.jsonl").read_text().splitlines()]
+    assert [r["reason"] for r in rejects] == ["undecodable"]
+    assert rejects[0]["origin"].endswith("broken0.jpg")
+    assert (run_dir / "export" / "diffusers" / "model_index.json").is_file()
+
+
+def test_too_many_rejects_stop_with_a_clear_error(tmp_path):
+    source = make_folder(tmp_path / "data", good=4, bad=4)
+    result = run_cli("train", "tiny", "--run-dir", str(tmp_path / "run"), "--set", f"data.source={source}")
+    assert result.returncode == 1
+    assert "data.max_reject_fraction" in result.stderr and "Traceback" not in result.stderr
