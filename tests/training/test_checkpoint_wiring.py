@@ -1,0 +1,47 @@
+"""Checkpoints as a training run uses them: incremental bytes, failing replicas, repair."""
+
+import shutil
+import subprocess
+import sys
+import time
+
+from stablediff.checkpoint import CheckpointStore
+from tests.conftest import REPO, run_cli
+
+BASE = ["train", "tiny", "--set", "train.threads=1", "--set", "checkpoint.every_steps=1"]
+
+
+def test_frozen_vae_costs_no_bytes_after_the_first_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    assert run_cli(*BASE, "--set", "train.max_steps=3", "--run-dir", str(run_dir)).returncode == 0
+    store = CheckpointStore(run_dir / "checkpoints")
+    first, *later = [store.read_manifest(s) for s in store.steps()]
+    vae_chunks = {c for name, e in first.tensors.items() if name.startswith("vae/") for c in e.chunks}
+    vae_bytes = sum(e.nbytes for name, e in first.tensors.items() if name.startswith("vae/"))
+    for manifest in later:
+        assert {c for n, e in manifest.tensors.items() if n.startswith("vae/") for c in e.chunks} == vae_chunks
+        assert manifest.bytes_new <= manifest.bytes_total - vae_bytes
+
+
+def test_a_replica_that_disappears_mid_run_does_not_stop_training_and_repair_resyncs_it(tmp_path):
+    run_dir, replica = tmp_path / "run", tmp_path / "replica"
+    args = [*BASE, "--set", "train.max_steps=40", "--set", f"checkpoint.replicas=[{replica}]",
+            "--run-dir", str(run_dir)]
+    proc = subprocess.Popen([sys.executable, "-m", "stablediff", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not (replica / "manifests").is_dir() or not any((replica / "manifests").iterdir()):
+        assert time.monotonic() < deadline and proc.poll() is None, "replica never received a checkpoint"
+        time.sleep(0.2)
+    shutil.rmtree(replica)
+    replica.write_text("the mount is gone")  # every write below it now fails (ENOTDIR)
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, output
+    assert "replica" in output.lower()
+    assert max(CheckpointStore(run_dir / "checkpoints").steps()) == 40
+
+    replica.unlink()
+    result = run_cli("ckpt", "repair", str(run_dir))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert CheckpointStore(replica).steps() == CheckpointStore(run_dir / "checkpoints").steps()
+    assert CheckpointStore(replica).verify(deep=True).ok
