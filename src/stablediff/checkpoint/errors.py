@@ -1,0 +1,24 @@
+"""Errors of the checkpoint store. Each message says what is wrong and what to do."""
+
+from __future__ import annotations
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be saved or loaded as asked; the message says why and what to do."""
+
+
+class PickleRefusedError(CheckpointError):
+    """A pickle-based file was given without --trust-pickle."""
+
+
+class ManifestError(CheckpointError):
+    """A manifest is unreadable, truncated or fails its checksum."""
+
+
+class ChunkError(CheckpointError):
+    """A chunk is missing, has the wrong size or does not match its hash."""
+
+    def __init__(self, chunk_hash: str, problem: str):
+        super().__init__(f"chunk {chunk_hash[:12]}… is {problem}")
+        self.chunk_hash = chunk_hash
+        self.problem = problem
