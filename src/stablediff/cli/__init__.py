@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import click
+
+# Offline by design, and quiet: transformers' import-time notices (e.g. about an
+# optional torchvision) are not the user's business.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from stablediff.cli.errors import run_cli
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from dataclasses import asdict, dataclass
 from functools import partial
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -21,7 +23,7 @@ from stablediff.inference.pipeline import assemble_pipeline, image_grid, txt2img
 from stablediff.models.build import build_noise_scheduler, build_unet, build_vae, count_parameters, vae_downscale
 from stablediff.models.text_encoder import load_text_encoder
 from stablediff.training import state as train_state
-from stablediff.training.checkpointing import RunCheckpointer, find_resume, open_stores
+from stablediff.training.checkpointing import RunCheckpointer, find_resume, open_stores, process_start_time
 from stablediff.training.features import encode_dataset
 from stablediff.training.metrics import MetricsLog
 from stablediff.training.seeding import seed_everything
@@ -35,7 +37,6 @@ class RunResult:
     export_dir: Path
     vae_report: VAEReport | None
     final_loss: float
-    images_per_second: float
     pipeline: object
 
 
@@ -65,6 +66,19 @@ def load_training_images(config: RunConfig, run_dir: Path):
     return data.images, data.held_out, data.captions
 
 
+@dataclass
+class Stage2:
+    """Everything the UNet stage trains with, built fresh or restored from a checkpoint."""
+
+    vae: object
+    text_encoder: object
+    data: object
+    state: object
+    noise_scheduler: object
+    capture: Callable[[], tuple[dict, dict]]
+    vae_report: VAEReport | None
+
+
 def run_training(config: RunConfig, run_dir: Path, fresh: bool = False) -> RunResult:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if config.train.threads:
@@ -72,48 +86,65 @@ def run_training(config: RunConfig, run_dir: Path, fresh: bool = False) -> RunRe
     prepare_run_dir(config, run_dir, fresh)
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     primary, replicas = open_stores(run_dir, config.checkpoint)
-    resume = find_resume(primary, replicas, say)
-    seed_everything(config.seed)
-    images, held_out, captions = load_training_images(config, run_dir)
-    text_encoder = load_text_encoder(config.text_encoder.name, config.text_encoder.max_length)
-    vae, vae_report = vae_stage(config, images, held_out, resume, metrics)
-
-    data = encode_dataset(vae, images, captions, text_encoder)
-    latent_size = config.data.resolution // vae_downscale(vae)
-    seed_everything(config.seed)
-    unet = build_unet(config.unet, vae.config.latent_channels, latent_size, text_encoder.hidden_size)
-    noise_scheduler = build_noise_scheduler(config.noise, config.train.prediction_type)
-    state = make_train_state(unet, config.train, len(data), config.seed)
-    state.extra = {"vae_scaling_factor": vae.config.scaling_factor,
-                   "vae_report": asdict(vae_report) if vae_report else None}
-    fingerprints = {"code": train_state.code_fingerprint(), "data": train_state.data_fingerprint(images, captions),
-                    "text_encoder": text_encoder.fingerprint}
-    if resume is not None:
-        train_state.restore(state, resume.tensors, resume.meta)
-    capture = partial(train_state.capture, state, vae, config.model_dump(mode="json"), fingerprints)
+    timings = {"process_start": process_start_time(), "run_start": time.time()}
+    resume = find_resume(primary, replicas, say, timings)
+    stage = build_stage2(config, run_dir, resume, metrics)
+    timings["rebuilt"] = time.time()
 
     checkpointer = RunCheckpointer(primary, replicas, config.checkpoint, say)
     checkpointer.install_signal_handlers()
     try:
         if resume is None:  # protects stage 1's work before stage 2 starts
-            checkpointer.save(*capture(), {})
+            checkpointer.save(*stage.capture(), {})
         else:
             checkpointer.mark_saved(resume.step)
-        say(f"stage 2: text-to-image UNet, {count_parameters(unet) / 1e6:.2f}M parameters, "
-            f"{config.train.max_steps} steps of {config.train.batch_size} on {len(data)} images")
-        train_unet(state, data, noise_scheduler, config.train, vae.config.scaling_factor,
-                   config.data.caption_dropout, config.seed, metrics,
-                   on_step_end=lambda s: checkpointer.after_step(s.step, capture, {"train_loss": s.last_loss}))
-        checkpointer.finish(state.step, capture, {"train_loss": state.last_loss})
+
+        def after_step(s) -> None:
+            if resume is not None and s.step == resume.step + 1:  # recovery timeline, for bench/recovery.py
+                metrics.write(event="resumed", step=resume.step, **{f"t_{k}": v for k, v in timings.items()},
+                              t_first_step=time.time())
+            checkpointer.after_step(s.step, stage.capture, {"train_loss": s.last_loss})
+
+        say(f"stage 2: text-to-image UNet, {count_parameters(stage.state.unet) / 1e6:.2f}M parameters, "
+            f"{config.train.max_steps} steps of {config.train.batch_size} on {len(stage.data)} images")
+        train_unet(stage.state, stage.data, stage.noise_scheduler, config.train, stage.vae.config.scaling_factor,
+                   config.data.caption_dropout, config.seed, metrics, on_step_end=after_step)
+        checkpointer.finish(stage.state.step, stage.capture, {"train_loss": stage.state.last_loss})
     finally:
         checkpointer.close()
+    return export_and_sample(config, run_dir, stage)
 
-    pipe = assemble_pipeline(vae, text_encoder.model, text_encoder.tokenizer, state.ema.model,
-                             dict(noise_scheduler.config))
+
+def build_stage2(config: RunConfig, run_dir: Path, resume, metrics: MetricsLog) -> Stage2:
+    """Data, text encoder, VAE (stage 1), encoded features and the UNet train state."""
+    seed_everything(config.seed)
+    images, held_out, captions = load_training_images(config, run_dir)
+    text_encoder = load_text_encoder(config.text_encoder.name, config.text_encoder.max_length)
+    vae, vae_report = vae_stage(config, images, held_out, resume, metrics)
+    data = encode_dataset(vae, images, captions, text_encoder)
+    seed_everything(config.seed)
+    latent_size = config.data.resolution // vae_downscale(vae)
+    unet = build_unet(config.unet, vae.config.latent_channels, latent_size, text_encoder.hidden_size)
+    noise_scheduler = build_noise_scheduler(config.noise, config.train.prediction_type)
+    state = make_train_state(unet, config.train, len(data), config.seed)
+    state.extra = {"vae_scaling_factor": vae.config.scaling_factor,
+                   "vae_report": asdict(vae_report) if vae_report else None}
+    if resume is not None:
+        train_state.restore(state, resume.tensors, resume.meta)
+    fingerprints = {"code": train_state.code_fingerprint(), "data": train_state.data_fingerprint(images, captions),
+                    "text_encoder": text_encoder.fingerprint}
+    capture = partial(train_state.capture, state, vae, config.model_dump(mode="json"), fingerprints)
+    return Stage2(vae, text_encoder, data, state, noise_scheduler, capture, vae_report)
+
+
+def export_and_sample(config: RunConfig, run_dir: Path, stage: Stage2) -> RunResult:
+    """The EMA weights as a diffusers pipeline folder, and the final sample grid."""
+    pipe = assemble_pipeline(stage.vae, stage.text_encoder.model, stage.text_encoder.tokenizer,
+                             stage.state.ema.model, dict(stage.noise_scheduler.config))
     export_dir = run_dir / "export" / "diffusers"
     pipe.save_pretrained(export_dir, safe_serialization=True)
     write_sample_grid(pipe, config, run_dir / "samples" / "final.png")
-    return RunResult(run_dir, export_dir, vae_report, state.last_loss, 0.0, pipe)
+    return RunResult(run_dir, export_dir, stage.vae_report, stage.state.last_loss, pipe)
 
 
 def vae_stage(config: RunConfig, images, held_out, resume, metrics: MetricsLog):
