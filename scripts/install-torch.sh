@@ -16,9 +16,14 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   pip_install "torch==$VERSION"
 else
   echo "no NVIDIA GPU: installing the CPU build of torch==$VERSION"
-  pip_install --no-index "torch==$VERSION" 2>/dev/null || true
-  "$PY" -c "import torch" 2>/dev/null || \
+  # A CPU wheel that pip can find offline (a local wheel folder in pip's config):
+  # take it alone, then let the next step bring its pure-Python dependencies.
+  if pip_install --no-index --no-deps "torch==$VERSION" 2>/dev/null && \
+     "$PY" -c "import importlib.metadata as m, sys; v = m.version('torch'); sys.exit(0 if '+' not in v or 'cpu' in v else 1)"; then
+    pip_install "torch==$VERSION"
+  else
     pip_install "torch==$VERSION+cpu" --index-url https://download.pytorch.org/whl/cpu \
       --extra-index-url https://pypi.org/simple
+  fi
 fi
-"$PY" -c "import torch; print('torch', torch.__version__)"
+"$PY" -c "import importlib.metadata as m; print('torch', m.version('torch'))"
