@@ -16,9 +16,7 @@ Prints a table; writes bench/results/ckpt_bytes-<time>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import tempfile
 import time
 
@@ -27,7 +25,8 @@ from diffusers import UNet2DConditionModel
 
 from stablediff.checkpoint import CheckpointStore
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _common import REPO, write_result  # bench/ is on sys.path when a script runs
+
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
@@ -73,7 +72,8 @@ def main() -> None:
     def full_state(seed: int) -> dict:
         g = torch.Generator().manual_seed(seed)
         changed = {k: v + 1e-3 * torch.randn(v.shape, generator=g) for k, v in base.items()}
-        return with_adam({**changed, **{k.replace("unet/", "ema/"): v for k, v in changed.items()}}, g)
+        ema = {k.replace("unet/", "ema/"): v + 1e-4 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+        return {**with_adam(changed, g), **ema}
 
     def lora_state(seed: int) -> dict:
         return {**base, **with_adam(lora_tensors(unet, args.rank, torch.Generator().manual_seed(seed)), gen)}
@@ -91,7 +91,6 @@ def main() -> None:
         "lora_bytes_new": lora_new, "lora_bytes_total": lora_total,
         "lora_vs_full": round(lora_new / full_new, 5),
         "full_two_saves_s": round(full_s, 2), "lora_two_saves_s": round(lora_s, 2),
-        "machine": f"{platform.machine()} {os.cpu_count()} CPUs", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     mib = 2**20
     print(f"UNet {n_params / 1e6:.0f}M parameters (SD 1.5 shape x{args.scale}), LoRA rank {args.rank}")
@@ -99,11 +98,7 @@ def main() -> None:
     print(f"{'checkpoint size (MiB)':34}{full_total / mib:>12.1f}{lora_total / mib:>12.1f}")
     print(f"{'bytes new in 2nd checkpoint (MiB)':34}{full_new / mib:>12.1f}{lora_new / mib:>12.2f}")
     print(f"LoRA-style writes {result['lora_vs_full']:.3%} of a full checkpoint")
-    os.makedirs(os.path.join(REPO, "bench", "results"), exist_ok=True)
-    out = os.path.join(REPO, "bench", "results", f"ckpt_bytes-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    with open(out, "w") as fh:
-        json.dump(result, fh, indent=2)
-    print(f"wrote {out}")
+    write_result("ckpt_bytes", result)
 
 
 if __name__ == "__main__":

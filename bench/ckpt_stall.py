@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
-import platform
 import tempfile
 import time
 
@@ -29,7 +27,8 @@ import torch
 
 from stablediff.checkpoint import AsyncCheckpointer, CheckpointStore, RetentionPolicy
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _common import REPO, write_result  # bench/ is on sys.path when a script runs
+
 
 
 def build(params: float, width: int = 2048):
@@ -121,19 +120,13 @@ def main() -> None:
         "overhead_async": round(1 - with_async["steps"] / plain["steps"], 4),
         "overhead_sync": round(1 - with_sync["steps"] / plain["steps"], 4),
         "async_stalls_s": with_async["stalls_s"], "sync_stalls_s": with_sync["stalls_s"],
-        "machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}",
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     print(f"{n_params / 1e6:.0f}M parameters, state {result['state_bytes'] / 2**30:.2f} GiB")
     print(f"{'':28}{'torch.save':>12}{'stablediff':>12}{'ratio':>8}")
     print(f"{'stall per save (s)':28}{sync_stall:>12.2f}{async_stall:>12.2f}{result['stall_ratio']:>8.3f}")
     print(f"{'steps in loop (no save: ' + str(plain['steps']) + ')':28}{with_sync['steps']:>12}{with_async['steps']:>12}")
     print(f"{'overhead vs no saves':28}{result['overhead_sync']:>12.1%}{result['overhead_async']:>12.1%}")
-    os.makedirs(os.path.join(REPO, "bench", "results"), exist_ok=True)
-    out = os.path.join(REPO, "bench", "results", f"ckpt_stall-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    with open(out, "w") as fh:
-        json.dump(result, fh, indent=2)
-    print(f"wrote {out}")
+    write_result("ckpt_stall", result)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@
 
 Starts `stablediff train`, waits for a checkpoint, SIGKILLs it, starts it again and
 reads the "resumed" record the run writes to metrics.jsonl. Phases:
-  process start   kill -> the new process exists (spawn)
-  imports         process start -> run begins (Python, torch, diffusers imports)
+  process start   kill -> the new process is launched
+  imports         launch -> the run begins (interpreter, torch, diffusers imports, config)
   manifest scan   listing the store's manifests
   load + verify   reading the newest checkpoint, every chunk hashed against its name
   rebuild         data, text encoder, models, latent encoding, state restored
@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import signal
 import subprocess
 import sys
@@ -26,8 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-PHASES = [("process start", "kill", "process_start"), ("imports", "process_start", "run_start"),
+from _common import REPO, write_result  # bench/ is on sys.path when a script runs
+
+PHASES = [("process start", "kill", "spawned"), ("imports", "spawned", "run_start"),
           ("manifest scan", "run_start", "scanned"), ("load + verify", "scanned", "loaded"),
           ("rebuild", "loaded", "rebuilt"), ("first step", "rebuilt", "first_step")]
 
@@ -75,9 +74,10 @@ def main() -> None:
             proc.wait()
             kill = time.time()
             (run_dir / "metrics.jsonl").write_text("")
+            spawned = time.time()
             proc = launch(run_dir, args.config)
             record = resumed_record(run_dir)
-            marks = {"kill": kill, **{k[2:]: v for k, v in record.items() if k.startswith("t_")}}
+            marks = {"kill": kill, "spawned": spawned, **{k[2:]: v for k, v in record.items() if k.startswith("t_")}}
             trials.append({name: marks[b] - marks[a] for name, a, b in PHASES} | {"step": record["step"]})
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -86,12 +86,8 @@ def main() -> None:
     for name, value in mean.items():
         print(f"{name:16}{value:8.2f} s {value / total:6.1%}")
     print(f"{'total':16}{total:8.2f} s  (mean of {len(trials)} kills, config {args.config})")
-    result = {"config": args.config, "trials": trials, "mean_s": mean, "total_s": total,
-              "machine": f"{platform.machine()} {os.cpu_count()} CPUs", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    os.makedirs(REPO / "bench" / "results", exist_ok=True)
-    out = REPO / "bench" / "results" / f"recovery-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    result = {"config": args.config, "trials": trials, "mean_s": mean, "total_s": total}
+    write_result("recovery", result)
 
 
 if __name__ == "__main__":

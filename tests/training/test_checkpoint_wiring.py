@@ -45,3 +45,21 @@ def test_a_replica_that_disappears_mid_run_does_not_stop_training_and_repair_res
     assert result.returncode == 0, result.stdout + result.stderr
     assert CheckpointStore(replica).steps() == CheckpointStore(run_dir / "checkpoints").steps()
     assert CheckpointStore(replica).verify(deep=True).ok
+
+
+def test_a_corrupt_newest_checkpoint_is_skipped_with_its_reason_and_the_run_resumes(tmp_path):
+    run_dir = tmp_path / "run"
+    assert run_cli(*BASE, "--set", "train.max_steps=3", "--run-dir", str(run_dir)).returncode == 0
+    store = CheckpointStore(run_dir / "checkpoints")
+    newest, previous = store.read_manifest(3), store.read_manifest(2)
+    only_newest = next(e.chunks[0] for n, e in newest.tensors.items()
+                       if n.startswith("unet/") and e.chunks[0] not in
+                       {c for pe in previous.tensors.values() for c in pe.chunks})
+    chunk = run_dir / "checkpoints" / "objects" / only_newest[:2] / only_newest
+    data = bytearray(chunk.read_bytes())
+    data[0] ^= 0x40
+    chunk.write_bytes(bytes(data))
+    result = run_cli(*BASE, "--set", "train.max_steps=4", "--run-dir", str(run_dir))
+    assert result.returncode == 0, result.stderr
+    assert "skipped step 3" in result.stderr
+    assert "resumed from step 2" in result.stderr

@@ -1,7 +1,5 @@
 """A killed run resumes exactly: SIGKILL at random moments, then the same command, ends bitwise equal."""
 
-import json
-import os
 import random
 import signal
 import subprocess

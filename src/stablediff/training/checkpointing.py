@@ -9,7 +9,6 @@ is written before the run stops.
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from pathlib import Path
@@ -54,16 +53,6 @@ def find_resume(primary: CheckpointStore, replicas: list[CheckpointStore], say: 
         say(note)
     say(f"resumed from step {loaded.step}")
     return loaded
-
-
-def process_start_time() -> float | None:
-    """When this process was started (Linux), to time recovery from its very beginning."""
-    try:
-        boot = next(float(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))
-        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, StopIteration, ValueError, IndexError):
-        return None
 
 
 def _has_checkpoints(store: CheckpointStore) -> bool:

@@ -23,7 +23,7 @@ from stablediff.inference.pipeline import assemble_pipeline, image_grid, txt2img
 from stablediff.models.build import build_noise_scheduler, build_unet, build_vae, count_parameters, vae_downscale
 from stablediff.models.text_encoder import load_text_encoder
 from stablediff.training import state as train_state
-from stablediff.training.checkpointing import RunCheckpointer, find_resume, open_stores, process_start_time
+from stablediff.training.checkpointing import RunCheckpointer, find_resume, open_stores
 from stablediff.training.features import encode_dataset
 from stablediff.training.metrics import MetricsLog
 from stablediff.training.seeding import seed_everything
@@ -86,7 +86,7 @@ def run_training(config: RunConfig, run_dir: Path, fresh: bool = False) -> RunRe
     prepare_run_dir(config, run_dir, fresh)
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     primary, replicas = open_stores(run_dir, config.checkpoint)
-    timings = {"process_start": process_start_time(), "run_start": time.time()}
+    timings = {"run_start": time.time()}
     resume = find_resume(primary, replicas, say, timings)
     stage = build_stage2(config, run_dir, resume, metrics)
     timings["rebuilt"] = time.time()

@@ -4,7 +4,7 @@ Tensors (flat names, stored as content-addressed chunks):
   vae/*            the autoencoder (frozen after stage 1: costs no bytes after the first save)
   unet/*, ema/*    the UNet and its moving average
   optim/<i>/<key>  AdamW's per-parameter state (exp_avg, exp_avg_sq, step)
-  rng/torch, rng/numpy  the global generators' states
+  rng/torch, rng/numpy, rng/cuda/<d>  the global generators' states
 JSON meta: stage, step and image counters, sampler position, optimizer param
 groups, LR-schedule state, python's RNG state, the resolved config, the VAE
 report and the code/data fingerprints. Everything else in a run is a pure
@@ -38,6 +38,9 @@ def capture(state, vae: torch.nn.Module, config_dump: dict, fingerprints: dict) 
         for key, value in per_param.items():
             tensors[f"optim/{index}/{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
     tensors["rng/torch"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for device, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng/cuda/{device}"] = cuda_state
     np_state = np.random.get_state()
     tensors["rng/numpy"] = torch.from_numpy(np_state[1].astype(np.int64))
     meta = {
@@ -69,6 +72,9 @@ def restore(state, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     state.sampler.load_state_dict(meta["sampler"])
     state.step, state.images_seen = int(meta["step"]), int(meta["images_seen"])
     torch.set_rng_state(tensors["rng/torch"])
+    cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng/cuda/")]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
     np_meta = meta["rng"]["numpy"]
     np.random.set_state((np_meta[0], tensors["rng/numpy"].numpy().astype(np.uint32), *np_meta[1:]))
     random.setstate(_tuples(meta["rng"]["python"]))
