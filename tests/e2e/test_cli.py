@@ -69,3 +69,27 @@ def test_generate_on_a_missing_model_exits_1(tmp_path):
 @pytest.mark.parametrize("args", [["generate"], ["train"], ["generate", "m", "p", "--size", "big"]])
 def test_usage_errors_exit_2(args):
     assert run_cli(*args).returncode == 2
+
+
+def test_pickle_weights_are_refused_unless_trusted(tiny_run, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    pickled = tmp_path / "pickled"
+    StableDiffusionPipeline.from_pretrained(tiny_run / "export" / "diffusers").save_pretrained(
+        pickled, safe_serialization=False)
+    refused = run_cli("generate", str(pickled), "x", "--steps", "2", "--out", str(tmp_path / "o"))
+    assert refused.returncode == 1
+    assert "pickle" in refused.stderr and "--trust-pickle" in refused.stderr
+    assert not (tmp_path / "o").exists()
+    trusted = run_cli("generate", str(pickled), "x", "--steps", "2", "--out", str(tmp_path / "o"), "--trust-pickle")
+    assert trusted.returncode == 0, trusted.stderr
+
+
+def test_a_pickle_vae_folder_is_refused_before_training(tiny_run, tmp_path):
+    from diffusers import AutoencoderKL
+
+    vae_dir = tmp_path / "vae"
+    AutoencoderKL.from_pretrained(tiny_run / "export" / "diffusers" / "vae").save_pretrained(
+        vae_dir, safe_serialization=False)
+    result = run_cli("train", "tiny", "--run-dir", str(tmp_path / "r"), "--set", f"vae.pretrained={vae_dir}")
+    assert result.returncode == 1 and "--trust-pickle" in result.stderr

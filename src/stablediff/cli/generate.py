@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from stablediff.cli.errors import UserError
+from stablediff.cli.options import trust_pickle_option
 
 
 def parse_size(text: str | None) -> tuple[int, int] | None:
@@ -47,14 +48,16 @@ def next_index(out: Path) -> int:
 @click.option("--num", default=1, show_default=True, type=click.IntRange(1, 256), help="Images to make.")
 @click.option("--size", default=None, metavar="WxH", help="Image size (default: the model's).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("outputs"), show_default=True)
-def generate(model: Path, prompt: str, negative, steps, guidance, seed, num, size, out: Path) -> None:
+@trust_pickle_option
+def generate(model: Path, prompt: str, negative, steps, guidance, seed, num, size, out: Path,
+             trust_pickle: bool) -> None:
     """Generate images for PROMPT with MODEL (DPM-Solver++ sampler). The same seed gives the same image."""
     wh = parse_size(size)
     folder = resolve_model(model)
     from stablediff.inference.metadata import infotext, png_info
     from stablediff.inference.pipeline import load_pipeline_folder, txt2img
 
-    pipe = load_pipeline_folder(folder)
+    pipe = load_pipeline_folder(folder, trust_pickle)
     images = txt2img(pipe, prompt, negative_prompt=negative, steps=steps, guidance_scale=guidance,
                      seed=seed, num=num, size=wh)
     out.mkdir(parents=True, exist_ok=True)

@@ -24,3 +24,8 @@ def resolve_run(config_name: str, run_dir: Path | None, overrides: tuple[str, ..
         run_dir = Path(config.run_dir) if config.run_dir else Path("runs") / Path(config_name).stem
     config.run_dir = str(run_dir)
     return config, run_dir
+
+
+trust_pickle_option = click.option(
+    "--trust-pickle", is_flag=True,
+    help="Allow loading pickle-based weights (.bin/.ckpt/.pt); they can run code, so only for files you trust.")

@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import click
 
-from stablediff.cli.options import config_options, resolve_run
+from stablediff.cli.options import config_options, resolve_run, trust_pickle_option
 
 
 @click.command()
 @click.argument("config_name", metavar="CONFIG")
 @config_options
 @click.option("--fresh", is_flag=True, help="Refuse to reuse a non-empty run directory instead of resuming.")
-def train(config_name: str, run_dir, overrides, fresh: bool) -> None:
+@trust_pickle_option
+def train(config_name: str, run_dir, overrides, fresh: bool, trust_pickle: bool) -> None:
     """Train the model described by CONFIG (a YAML file or a bundled recipe: digits, tiny)."""
     config, run_dir = resolve_run(config_name, run_dir, overrides)
     from stablediff.training.checkpointing import TrainingInterrupted
     from stablediff.training.run import run_training
 
     try:
-        result = run_training(config, run_dir, fresh=fresh)
+        result = run_training(config, run_dir, fresh=fresh, trust_pickle=trust_pickle)
     except TrainingInterrupted as stop:
         click.echo(str(stop), err=True)
         return

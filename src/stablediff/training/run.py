@@ -19,7 +19,6 @@ import torch
 from stablediff.config import RunConfig, dump_config
 from stablediff.data.digits import load_digits
 from stablediff.data.loading import load_captioned_images
-from stablediff.inference.pipeline import assemble_pipeline, image_grid, txt2img
 from stablediff.models.build import build_noise_scheduler, build_unet, build_vae, count_parameters, vae_downscale
 from stablediff.models.text_encoder import load_text_encoder
 from stablediff.training import state as train_state
@@ -79,7 +78,7 @@ class Stage2:
     vae_report: VAEReport | None
 
 
-def run_training(config: RunConfig, run_dir: Path, fresh: bool = False) -> RunResult:
+def run_training(config: RunConfig, run_dir: Path, fresh: bool = False, trust_pickle: bool = False) -> RunResult:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
@@ -88,7 +87,7 @@ def run_training(config: RunConfig, run_dir: Path, fresh: bool = False) -> RunRe
     primary, replicas = open_stores(run_dir, config.checkpoint)
     timings = {"run_start": time.time()}
     resume = find_resume(primary, replicas, say, timings)
-    stage = build_stage2(config, run_dir, resume, metrics)
+    stage = build_stage2(config, run_dir, resume, metrics, trust_pickle)
     timings["rebuilt"] = time.time()
 
     checkpointer = RunCheckpointer(primary, replicas, config.checkpoint, say)
@@ -115,12 +114,12 @@ def run_training(config: RunConfig, run_dir: Path, fresh: bool = False) -> RunRe
     return export_and_sample(config, run_dir, stage)
 
 
-def build_stage2(config: RunConfig, run_dir: Path, resume, metrics: MetricsLog) -> Stage2:
+def build_stage2(config: RunConfig, run_dir: Path, resume, metrics: MetricsLog, trust_pickle: bool) -> Stage2:
     """Data, text encoder, VAE (stage 1), encoded features and the UNet train state."""
     seed_everything(config.seed)
     images, held_out, captions = load_training_images(config, run_dir)
-    text_encoder = load_text_encoder(config.text_encoder.name, config.text_encoder.max_length)
-    vae, vae_report = vae_stage(config, images, held_out, resume, metrics)
+    text_encoder = load_text_encoder(config.text_encoder.name, config.text_encoder.max_length, trust_pickle)
+    vae, vae_report = vae_stage(config, images, held_out, resume, metrics, trust_pickle)
     data = encode_dataset(vae, images, captions, text_encoder)
     seed_everything(config.seed)
     latent_size = config.data.resolution // vae_downscale(vae)
@@ -139,6 +138,8 @@ def build_stage2(config: RunConfig, run_dir: Path, resume, metrics: MetricsLog) 
 
 def export_and_sample(config: RunConfig, run_dir: Path, stage: Stage2) -> RunResult:
     """The EMA weights as a diffusers pipeline folder, and the final sample grid."""
+    from stablediff.inference.pipeline import assemble_pipeline  # heavy; not needed to resume training
+
     pipe = assemble_pipeline(stage.vae, stage.text_encoder.model, stage.text_encoder.tokenizer,
                              stage.state.ema.model, dict(stage.noise_scheduler.config))
     export_dir = run_dir / "export" / "diffusers"
@@ -147,9 +148,9 @@ def export_and_sample(config: RunConfig, run_dir: Path, stage: Stage2) -> RunRes
     return RunResult(run_dir, export_dir, stage.vae_report, stage.state.last_loss, pipe)
 
 
-def vae_stage(config: RunConfig, images, held_out, resume, metrics: MetricsLog):
+def vae_stage(config: RunConfig, images, held_out, resume, metrics: MetricsLog, trust_pickle: bool = False):
     """Stage 1: the autoencoder from a checkpoint, a pretrained folder, or trained here."""
-    vae = build_vae(config.vae, config.data.resolution)
+    vae = build_vae(config.vae, config.data.resolution, trust_pickle)
     vae_report = None
     if resume is not None:
         vae.load_state_dict(train_state.vae_weights(resume.tensors))
@@ -167,6 +168,8 @@ def vae_stage(config: RunConfig, images, held_out, resume, metrics: MetricsLog):
 
 def write_sample_grid(pipe, config: RunConfig, path: Path) -> list:
     """One row per configured prompt, `per_prompt` seeds each; returns the rows."""
+    from stablediff.inference.pipeline import image_grid, txt2img
+
     rows = [txt2img(pipe, prompt, steps=config.sample.steps, guidance_scale=config.sample.guidance_scale,
                     seed=config.sample.seed, num=config.sample.per_prompt) for prompt in config.sample.prompts]
     path.parent.mkdir(parents=True, exist_ok=True)
