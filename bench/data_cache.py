@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/data_cache.py [--steps 20] [--warmup 3] [--images 500]
 
-Step time at the demo size (configs/digits.yaml: 32x32 RGB digits, VAE [16, 32, 64],
+Step time (and, apart, the time to produce its inputs) at the demo size (configs/digits.yaml: 32x32 RGB digits, VAE [16, 32, 64],
 the demo UNet, batch 64, MiniLM max_length 16), all modes in one process on the same
 batches, timed in interleaved blocks so that machine-load drift hits every mode alike:
 - cached: each step reads its batch's posteriors and caption embeddings through
@@ -86,8 +86,8 @@ class Demo:
         self.optimizer.step()
 
 
-def step_modes(demo: Demo, cache: FeatureCache) -> dict:
-    """mode name -> function(step) running one full training step in that mode."""
+def input_modes(demo: Demo, cache: FeatureCache) -> dict:
+    """mode name -> function(step) returning that step's (latents (B, C, h, w), text embeddings (B, L, D))."""
     transform_id = f"digits-{demo.config.data.resolution}"
     latent_store, text_store = cache.latents(demo.vae, transform_id), cache.text(demo.text_encoder)
     mean_all, std_all = latent_store.get(demo.keys)
@@ -102,39 +102,40 @@ def step_modes(demo: Demo, cache: FeatureCache) -> dict:
     def cached(step):
         indices, captions = demo.batch(step)
         mean, std = latent_store.get([demo.keys[i] for i in indices.tolist()])
-        demo.train_step(posterior_sample(mean, std, step), text_store.get(captions), step)
+        return posterior_sample(mean, std, step), text_store.get(captions)
 
     def in_memory(step):
         indices, captions = demo.batch(step)
         latents = posterior_sample(mean_all[indices], std_all[indices], step)
-        demo.train_step(latents, embeddings_all[torch.tensor([row[c] for c in captions])], step)
+        return latents, embeddings_all[torch.tensor([row[c] for c in captions])]
 
     @torch.no_grad()
-    def encode_inputs(step):
+    def encode_every_step(step):
         indices, captions = demo.batch(step)
         posterior = demo.vae.encode(demo.images[indices]).latent_dist
         latents = posterior.sample(generator=torch.Generator().manual_seed(20_000 + step)) * demo.scaling_factor
         return latents, demo.text_encoder.encode(captions)
 
-    def encode_every_step(step):
-        demo.train_step(*encode_inputs(step), step)
-
     return {"cached": cached, "in_memory": in_memory, "encode_every_step": encode_every_step}
 
 
-def time_steps(modes: dict, steps: int, warmup: int) -> dict[str, list[float]]:
-    """Seconds per step for each mode, after `warmup` untimed steps each, in interleaved blocks."""
-    for name, run in modes.items():
+def time_steps(demo: Demo, modes: dict, steps: int, warmup: int) -> tuple[dict, dict]:
+    """(seconds per training step, seconds for its inputs alone) per mode, in interleaved blocks."""
+    for name, inputs in modes.items():
         for step in range(warmup):
-            run(step)
-    times: dict[str, list[float]] = {name: [] for name in modes}
+            demo.train_step(*inputs(step), step)
+    whole: dict[str, list[float]] = {name: [] for name in modes}
+    prepare: dict[str, list[float]] = {name: [] for name in modes}
     for start in range(0, steps, BLOCK):
-        for name, run in modes.items():
+        for name, inputs in modes.items():
             for step in range(warmup + start, warmup + min(steps, start + BLOCK)):
                 t0 = time.perf_counter()
-                run(step)
-                times[name].append(time.perf_counter() - t0)
-    return times
+                latents, text_embeddings = inputs(step)
+                t1 = time.perf_counter()
+                demo.train_step(latents, text_embeddings, step)
+                whole[name].append(time.perf_counter() - t0)
+                prepare[name].append(t1 - t0)
+    return whole, prepare
 
 
 def fill_cache(demo: Demo, cache: FeatureCache) -> dict:
@@ -206,14 +207,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=REPO) as tmp:
         cache = FeatureCache(tmp)
         cache_result = fill_cache(demo, cache)
-        times = time_steps(step_modes(demo, cache), args.steps, args.warmup)
+        times, input_times = time_steps(demo, input_modes(demo, cache), args.steps, args.warmup)
     median = {name: statistics.median(values) for name, values in times.items()}
+    input_median = {name: statistics.median(values) for name, values in input_times.items()}
     ratio = median["encode_every_step"] / median["cached"]
     print(f"training step, digits demo size (batch {demo.batch_size}), median of {args.steps} steps "
           f"after {args.warmup} warm-up")
-    print(f"{'mode':24}{'ms/step':>10}{'vs cached':>11}")
+    print(f"{'mode':24}{'ms/step':>10}{'vs cached':>11}{'inputs ms':>11}")
     for name, seconds in median.items():
-        print(f"{name:24}{seconds * 1e3:>10.1f}{seconds / median['cached']:>11.2f}")
+        print(f"{name:24}{seconds * 1e3:>10.1f}{seconds / median['cached']:>11.2f}{input_median[name] * 1e3:>11.1f}")
     print(f"cache fill {cache_result['fill_s']:.1f} s for {cache_result['samples']} samples; "
           f"warm start {cache_result['warm_start_s']:.2f} s")
     rates = ingestion(args.images)
@@ -225,6 +227,7 @@ def main() -> None:
         "batch_size": demo.batch_size, "steps": args.steps, "warmup": args.warmup,
         "step_ms_median": {k: round(v * 1e3, 2) for k, v in median.items()},
         "step_ms_mean": {k: round(statistics.mean(v) * 1e3, 2) for k, v in times.items()},
+        "inputs_ms_median": {k: round(v * 1e3, 2) for k, v in input_median.items()},
         "encode_every_step_over_cached": round(ratio, 3),
         "cache": cache_result,
         "ingestion_images_per_s": rates,
