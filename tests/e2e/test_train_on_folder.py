@@ -37,3 +37,23 @@ def test_too_many_rejects_stop_with_a_clear_error(tmp_path):
     result = run_cli("train", "tiny", "--run-dir", str(tmp_path / "run"), "--set", f"data.source={source}")
     assert result.returncode == 1
     assert "data.max_reject_fraction" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_data_cache_reuses_the_features_training_wrote(tiny_run, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    result = run_cli("data", "cache", "tiny", "--run-dir", str(run_dir))
+    assert result.returncode == 0, result.stderr
+    assert "0 images and 0 captions encoded" in result.stderr
+
+
+def test_data_cache_without_a_vae_is_a_clear_error(tmp_path):
+    result = run_cli("data", "cache", "tiny", "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == 1 and "no VAE to encode with" in result.stderr
+
+
+def test_flip_augmentation_trains_from_cached_mirrored_latents(tmp_path):
+    result = run_cli("train", "tiny", "--run-dir", str(tmp_path / "run"), "--set", "data.flip_probability=0.5")
+    assert result.returncode == 0, result.stderr

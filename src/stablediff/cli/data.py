@@ -10,6 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from stablediff.cli.errors import UserError
+from stablediff.cli.options import config_options, resolve_run, trust_pickle_option
 from stablediff.data.check import ASPECT_BINS, SIZE_BINS, CheckReport, check_source
 from stablediff.data.sources import CAPTION_POLICIES, SourceError
 from stablediff.data.validate import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIZE, ValidationConfig
@@ -55,6 +56,23 @@ def check(source: str, as_json: bool, caption_policy: str, min_size: int, max_pi
         click.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=True))
     else:
         show_report(report, Console())
+
+
+@group.command()
+@click.argument("config_name", metavar="CONFIG")
+@config_options
+@trust_pickle_option
+def cache(config_name: str, run_dir, overrides, trust_pickle: bool) -> None:
+    """Encode CONFIG's data to VAE latents and caption embeddings once (the feature cache).
+
+    Training does this by itself at the start of stage 2; run it ahead to prepare a
+    shared cache (data.cache_dir) or after changing the data. Interrupted, it resumes.
+    """
+    config, run_dir = resolve_run(config_name, run_dir, overrides)
+    from stablediff.training.run import cache_features
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cache_features(config, run_dir, trust_pickle)
 
 
 def printable(text: str) -> str:

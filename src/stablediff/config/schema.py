@@ -32,6 +32,9 @@ class DataConfig(Section):
     caption_policy: Literal["error", "empty", "filename"] = Field(
         "error", description="a sample without a caption: reject it, use '', or use the file name")
     limit: int | None = Field(None, ge=1, description="use only the first N training samples (quick runs)")
+    flip_probability: float = Field(0.0, ge=0.0, le=1.0, description="horizontal flip augmentation")
+    cache_dir: str | None = Field(None, description="feature cache folder (default RUN_DIR/features); "
+                                  "share it between runs to encode each image once")
 
 
 class TextEncoderConfig(Section):

@@ -25,13 +25,14 @@ class CaptionedImages:
     images: torch.Tensor  # (N, 3, R, R) in [-1, 1]
     captions: list[list[str]]  # per sample, its caption variants
     held_out: torch.Tensor  # (M, 3, R, R)
+    keys: list[str]  # per sample, the BLAKE3 of its file's bytes (the feature cache's key)
 
 
 def load_captioned_images(spec: str, resolution: int, run_dir: Path, max_reject_fraction: float,
                           caption_policy: str = "error", limit: int | None = None) -> CaptionedImages:
     transform = ImageTransform(size=(resolution, resolution))
     validator = Validator()
-    train, captions, held = [], [], []
+    train, captions, held, keys = [], [], [], []
     with Quarantine(run_dir) as quarantine:
         for sample, verdict in filter_valid(open_source(spec, caption_policy), validator, quarantine):
             tensor, _ = transform(decode_image(sample.image_bytes))
@@ -40,10 +41,11 @@ def load_captioned_images(spec: str, resolution: int, run_dir: Path, max_reject_
                 continue
             train.append(tensor)
             captions.append([sample.caption or ""])
+            keys.append(verdict.content_hash)
             if limit and len(train) >= limit:
                 break
     check_reject_fraction(dict(validator.rejects), validator.total, max_reject_fraction, quarantine.path)
     if not train:
         raise ValueError(f"data.source {spec!r}: no usable training samples")
     held_out = torch.stack(held) if held else torch.stack(train[:1])
-    return CaptionedImages(torch.stack(train), captions, held_out)
+    return CaptionedImages(torch.stack(train), captions, held_out, keys)

@@ -8,11 +8,11 @@ at inference by a plain diffusers pipeline.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import blake3
 import torch
 
 from stablediff.models.weights_guard import check_model_folder
@@ -82,8 +82,10 @@ def load_text_encoder(name: str = "minilm", max_length: int = 16, trust_pickle: 
 
 
 def _fingerprint(path: Path, max_length: int) -> str:
-    digest = hashlib.sha256(f"max_length={max_length}".encode())
-    for file in sorted(path.glob("*.json")) + sorted(path.glob("*.safetensors")):
-        stat = file.stat()
-        digest.update(f"{file.name}:{stat.st_size}".encode())
+    """BLAKE3 of every config, tokenizer and weight file's bytes, and max_length: a fine-tuned
+    encoder saved over the same files gets a new fingerprint (and its own feature cache)."""
+    digest = blake3.blake3(f"max_length={max_length}".encode(), max_threads=blake3.blake3.AUTO)
+    for file in sorted(path.glob("*.json")) + sorted(path.glob("*.txt")) + sorted(path.glob("*.safetensors")):
+        digest.update(file.name.encode())
+        digest.update(file.read_bytes())
     return digest.hexdigest()[:16]

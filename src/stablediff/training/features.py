@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from diffusers import AutoencoderKL
 
+from stablediff.data.features import EncodeCounts, FeatureCache, encode_all
 from stablediff.models.text_encoder import TextEncoder
 
 
@@ -21,6 +22,8 @@ class EncodedDataset:
     latent_std: torch.Tensor  # (N, C, h, w)
     embeddings: torch.Tensor  # (U, L, D): row 0 is the empty caption (for CFG dropout)
     caption_ids: list[list[int]]  # per sample, rows of `embeddings` it may be captioned with
+    flip_mean: torch.Tensor | None = None  # posteriors of the mirrored images, when flip is on
+    flip_std: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.caption_ids)
@@ -36,7 +39,29 @@ def encode_dataset(vae: AutoencoderKL, images: torch.Tensor, captions: list[list
         posterior = vae.encode(images[start : start + batch_size]).latent_dist
         means.append(posterior.mean)
         stds.append(posterior.std)
+    distinct, caption_ids = caption_table(captions)
+    return EncodedDataset(torch.cat(means), torch.cat(stds), text_encoder.encode(distinct), caption_ids)
+
+
+def caption_table(captions: list[list[str]]) -> tuple[list[str], list[list[int]]]:
+    """Distinct captions (row 0 is "", the CFG-dropout caption) and each sample's rows."""
     table: dict[str, int] = {"": 0}
     caption_ids = [[table.setdefault(c, len(table)) for c in variants] for variants in captions]
-    embeddings = text_encoder.encode(list(table))
-    return EncodedDataset(torch.cat(means), torch.cat(stds), embeddings, caption_ids)
+    return list(table), caption_ids
+
+
+def encode_dataset_cached(vae: AutoencoderKL, images: torch.Tensor, captions: list[list[str]],
+                          text_encoder: TextEncoder, keys: list[str], cache: FeatureCache, transform_id: str,
+                          flip: bool = False, batch_size: int = 256) -> tuple[EncodedDataset, EncodeCounts]:
+    """Like `encode_dataset`, through the on-disk cache: only what is not cached is encoded."""
+    vae.eval()
+    counts = encode_all(cache, vae, text_encoder, list(zip(keys, images, captions)), transform_id,
+                        flip=flip, batch_size=batch_size)
+    latents = cache.latents(vae, transform_id)
+    mean, std = latents.get(keys)
+    flip_mean, flip_std = latents.get(keys, flipped=True) if flip else (None, None)
+    distinct, caption_ids = caption_table(captions)
+    with cache.text(text_encoder) as text:
+        text.add(text.missing(distinct))  # "" is usually no sample's caption
+        embeddings = text.get(distinct)
+    return EncodedDataset(mean, std, embeddings, caption_ids, flip_mean, flip_std), counts

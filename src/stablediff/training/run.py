@@ -23,7 +23,9 @@ from stablediff.models.build import build_noise_scheduler, build_unet, build_vae
 from stablediff.models.text_encoder import load_text_encoder
 from stablediff.training import state as train_state
 from stablediff.training.checkpointing import RunCheckpointer, find_resume, open_stores
-from stablediff.training.features import encode_dataset
+from stablediff.data.features import FeatureCache
+from stablediff.data.validate import content_hash
+from stablediff.training.features import encode_dataset_cached
 from stablediff.training.metrics import MetricsLog
 from stablediff.training.seeding import seed_everything
 from stablediff.training.unet_stage import make_train_state, train_unet
@@ -53,16 +55,31 @@ def prepare_run_dir(config: RunConfig, run_dir: Path, fresh: bool) -> None:
 
 
 def load_training_images(config: RunConfig, run_dir: Path):
-    """(images, held_out, captions): the digits' fixed split, or any source through validation."""
+    """(images, held_out, captions, keys): the digits' fixed split, or any source through validation.
+
+    `keys` name each image's content for the feature cache.
+    """
     if config.data.source == "builtin:digits":
         train, held = load_digits(config.data.resolution)
         n = config.data.limit or len(train)
         captions = [train.captions_for(i) for i in range(n)]
-        return images_to_tensor(train.images[:n]), images_to_tensor(held.images), captions
+        keys = [content_hash(image.tobytes()) for image in train.images[:n]]
+        return images_to_tensor(train.images[:n]), images_to_tensor(held.images), captions, keys
     data = load_captioned_images(config.data.source, config.data.resolution, run_dir,
                                  config.data.max_reject_fraction, config.data.caption_policy, config.data.limit)
     say(f"data: {len(data.captions)} training and {len(data.held_out)} held-out samples from {config.data.source}")
-    return data.images, data.held_out, data.captions
+    return data.images, data.held_out, data.captions, data.keys
+
+
+def encode_features(config: RunConfig, run_dir: Path, vae, images, captions, keys, text_encoder):
+    """Latents and caption embeddings through the on-disk feature cache."""
+    cache = FeatureCache(config.data.cache_dir or run_dir / "features")
+    transform_id = f"cover-center-{config.data.resolution}"
+    data, counts = encode_dataset_cached(vae, images, captions, text_encoder, keys, cache, transform_id,
+                                         flip=config.data.flip_probability > 0)
+    say(f"features: {counts.latents_encoded} images and {counts.text_encoded} captions encoded, "
+        f"{counts.latents_reused} images and {counts.text_reused} captions reused from {cache.root}")
+    return data
 
 
 @dataclass
@@ -107,7 +124,7 @@ def run_training(config: RunConfig, run_dir: Path, fresh: bool = False, trust_pi
         say(f"stage 2: text-to-image UNet, {count_parameters(stage.state.unet) / 1e6:.2f}M parameters, "
             f"{config.train.max_steps} steps of {config.train.batch_size} on {len(stage.data)} images")
         train_unet(stage.state, stage.data, stage.noise_scheduler, config.train, stage.vae.config.scaling_factor,
-                   config.data.caption_dropout, config.seed, metrics, on_step_end=after_step)
+                   config.data, config.seed, metrics, on_step_end=after_step)
         checkpointer.finish(stage.state.step, stage.capture, {"train_loss": stage.state.last_loss})
     finally:
         checkpointer.close()
@@ -117,10 +134,10 @@ def run_training(config: RunConfig, run_dir: Path, fresh: bool = False, trust_pi
 def build_stage2(config: RunConfig, run_dir: Path, resume, metrics: MetricsLog, trust_pickle: bool) -> Stage2:
     """Data, text encoder, VAE (stage 1), encoded features and the UNet train state."""
     seed_everything(config.seed)
-    images, held_out, captions = load_training_images(config, run_dir)
+    images, held_out, captions, keys = load_training_images(config, run_dir)
     text_encoder = load_text_encoder(config.text_encoder.name, config.text_encoder.max_length, trust_pickle)
     vae, vae_report = vae_stage(config, images, held_out, resume, metrics, trust_pickle)
-    data = encode_dataset(vae, images, captions, text_encoder)
+    data = encode_features(config, run_dir, vae, images, captions, keys, text_encoder)
     seed_everything(config.seed)
     latent_size = config.data.resolution // vae_downscale(vae)
     unet = build_unet(config.unet, vae.config.latent_channels, latent_size, text_encoder.hidden_size)
@@ -134,6 +151,20 @@ def build_stage2(config: RunConfig, run_dir: Path, resume, metrics: MetricsLog, 
                     "text_encoder": text_encoder.fingerprint}
     capture = partial(train_state.capture, state, vae, config.model_dump(mode="json"), fingerprints)
     return Stage2(vae, text_encoder, data, state, noise_scheduler, capture, vae_report)
+
+
+def cache_features(config: RunConfig, run_dir: Path, trust_pickle: bool = False) -> None:
+    """`stablediff data cache`: encode the data with the run's VAE (its checkpoint, or vae.pretrained)."""
+    primary, replicas = open_stores(run_dir, config.checkpoint)
+    resume = find_resume(primary, replicas, say)
+    if resume is None and not config.vae.pretrained:
+        raise ValueError(f"no VAE to encode with: {run_dir} has no checkpoint yet and vae.pretrained is not set. "
+                         "Run `stablediff train` (stage 1 trains the VAE and then caches features itself), "
+                         "or set vae.pretrained to a local diffusers VAE folder.")
+    images, held_out, captions, keys = load_training_images(config, run_dir)
+    text_encoder = load_text_encoder(config.text_encoder.name, config.text_encoder.max_length, trust_pickle)
+    vae, _ = vae_stage(config, images, held_out, resume, MetricsLog(run_dir / "metrics.jsonl"), trust_pickle)
+    encode_features(config, run_dir, vae, images, captions, keys, text_encoder)
 
 
 def export_and_sample(config: RunConfig, run_dir: Path, stage: Stage2) -> RunResult:

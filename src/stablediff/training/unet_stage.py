@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
-from stablediff.config.schema import TrainConfig
+from stablediff.config.schema import DataConfig, TrainConfig
 from stablediff.data.sampler import ResumableSampler
 from stablediff.training.ema import EMA
 from stablediff.training.features import EncodedDataset
@@ -49,10 +49,15 @@ def make_train_state(unet: UNet2DConditionModel, cfg: TrainConfig, num_samples: 
 
 
 def draw_batch(data: EncodedDataset, indices: torch.Tensor, scaling_factor: float, caption_dropout: float,
-               seed: int, step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+               seed: int, step: int, rank: int, flip_probability: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Latents (B, C, h, w), scaled, and text embeddings (B, L, D) for one step; pure in its inputs."""
     g_post = step_generator(seed, step, rank, "posterior")
     mean, std = data.latent_mean[indices], data.latent_std[indices]
+    if flip_probability > 0:  # mirrored images' posteriors were cached alongside
+        flipped = (torch.rand(len(indices), generator=step_generator(seed, step, rank, "flip"))
+                   < flip_probability).view(-1, 1, 1, 1)
+        mean = torch.where(flipped, data.flip_mean[indices], mean)
+        std = torch.where(flipped, data.flip_std[indices], std)
     latents = (mean + std * torch.randn(mean.shape, generator=g_post)) * scaling_factor
     g_drop = step_generator(seed, step, rank, "dropout")
     choice = torch.rand(len(indices), generator=g_drop)
@@ -65,7 +70,7 @@ def draw_batch(data: EncodedDataset, indices: torch.Tensor, scaling_factor: floa
 
 
 def train_unet(state: UNetTrainState, data: EncodedDataset, noise_scheduler: DDPMScheduler, cfg: TrainConfig,
-               scaling_factor: float, caption_dropout: float, seed: int, metrics: MetricsLog,
+               scaling_factor: float, data_cfg: DataConfig, seed: int, metrics: MetricsLog,
                on_step_end: Callable[[UNetTrainState], None] | None = None, rank: int = 0) -> UNetTrainState:
     state.unet.train()
     num_timesteps = noise_scheduler.config.num_train_timesteps
@@ -73,7 +78,8 @@ def train_unet(state: UNetTrainState, data: EncodedDataset, noise_scheduler: DDP
         while state.step < cfg.max_steps:
             t0 = time.perf_counter()
             indices = torch.from_numpy(state.sampler.next_batch(cfg.batch_size))
-            latents, text_embeddings = draw_batch(data, indices, scaling_factor, caption_dropout, seed, state.step, rank)
+            latents, text_embeddings = draw_batch(data, indices, scaling_factor, data_cfg.caption_dropout, seed,
+                                                  state.step, rank, data_cfg.flip_probability)
             noise = torch.randn(latents.shape, generator=step_generator(seed, state.step, rank, "noise"))
             timesteps = torch.randint(0, num_timesteps, (len(indices),),
                                       generator=step_generator(seed, state.step, rank, "timesteps"))
