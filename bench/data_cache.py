@@ -13,7 +13,7 @@ batches, timed in interleaved blocks so that machine-load drift hits every mode 
 The VAE is untrained (random weights): encode cost does not depend on the weights.
 
 Ingestion: `--images` generated 256x256 JPEGs with captions, read through the data
-pipeline (FolderSource -> Validator.judge -> load_rgb, as data/loading.py does) and
+pipeline (FolderSource -> Validator.judge -> upright_rgb of the decoded image, as data/loading.py does) and
 through Validator.judge alone, vs a plain `Image.open(p).convert("RGB")` loop.
 
 Prints tables; writes bench/results/data_cache-<time>.json.
@@ -36,7 +36,7 @@ from stablediff.config import load_config
 from stablediff.data.digits import load_digits
 from stablediff.data.features import FeatureCache, encode_all
 from stablediff.data.sources import open_source
-from stablediff.data.transforms import load_rgb
+from stablediff.data.transforms import upright_rgb
 from stablediff.data.validate import Validator, content_hash
 from stablediff.models.build import build_noise_scheduler, build_unet, build_vae, vae_downscale
 from stablediff.models.text_encoder import load_text_encoder
@@ -182,7 +182,7 @@ def ingestion(count: int, repeats: int = 2) -> dict:
             validator = Validator()
             for sample in open_source(str(folder)):
                 if validator.judge(sample).ok:
-                    load_rgb(sample.image_bytes)
+                    upright_rgb(validator.last_image)  # the validator's decode is reused
 
         best = {}
         for name, run in (("plain_pil", plain), ("validate", judge_only), ("validate_and_decode", pipeline)):

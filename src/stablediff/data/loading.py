@@ -15,7 +15,7 @@ import torch
 
 from stablediff.data.sources import open_source
 from stablediff.data.transforms import ImageTransform
-from stablediff.data.validate import Quarantine, Validator, check_reject_fraction, decode_image, filter_valid
+from stablediff.data.validate import Quarantine, Validator, check_reject_fraction, filter_valid
 
 HELD_OUT_EVERY = 20
 
@@ -35,7 +35,7 @@ def load_captioned_images(spec: str, resolution: int, run_dir: Path, max_reject_
     train, captions, held, keys = [], [], [], []
     with Quarantine(run_dir) as quarantine:
         for sample, verdict in filter_valid(open_source(spec, caption_policy), validator, quarantine):
-            tensor, _ = transform(decode_image(sample.image_bytes))
+            tensor, _ = transform(validator.last_image)  # decoded once, by the validator
             if int(verdict.content_hash[:8], 16) % HELD_OUT_EVERY == 0:
                 held.append(tensor)
                 continue

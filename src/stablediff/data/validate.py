@@ -179,6 +179,8 @@ class Validator:
         self._first_seen: dict[str, str] = {}  # content hash -> key of the kept sample
         self.total = 0
         self.rejects: Counter[str] = Counter()
+        # The decoded image of the last accepted sample, so a loader need not decode it twice.
+        self.last_image: Image.Image | None = None
 
     def judge(self, sample: RawSample) -> Verdict:
         verdict = self._judge(sample)
@@ -191,6 +193,7 @@ class Validator:
         return verdict
 
     def _judge(self, sample: RawSample) -> Verdict:
+        self.last_image = None
         if sample.reject is not None:
             return Verdict(False, sample.reject, sample.detail)
         digest = content_hash(sample.image_bytes)
@@ -206,6 +209,7 @@ class Validator:
             detail = ("no caption found" if sample.caption_error == "missing_caption"
                       else "the caption is not valid UTF-8; re-save it as UTF-8")
             return Verdict(False, sample.caption_error, detail, width, height, image.mode, digest)
+        self.last_image = image
         return Verdict(True, None, "", width, height, image.mode, digest)
 
 
