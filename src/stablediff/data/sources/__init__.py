@@ -76,15 +76,10 @@ def open_source(spec: str, caption_policy: str = "error") -> Source:
     policy = check_policy(caption_policy)
     if spec.startswith(BUILTIN_PREFIX):
         return DigitsSource(spec)
-    lowered = spec.lower()
     fs, path = fsspec.core.url_to_fs(spec)
     if any(ch in path for ch in "*?[{"):
-        if lowered.endswith(SHARD_SUFFIXES):
-            return TarSource(spec, policy)
-        if lowered.endswith(".parquet"):
-            return table_source("ParquetSource", spec, policy)
-        raise SourceError(f"the pattern {spec} must end in .tar or .parquet; "
-                          f"a data source is {ACCEPTED}")
+        return _file_source(spec, policy) or _not_a_source(
+            f"the pattern {spec} must end in .tar or .parquet; a data source is {ACCEPTED}")
     if not fs.exists(path):
         raise SourceError(f"data source {spec} does not exist; check the path (data.source)")
     if fs.isdir(path):
@@ -94,9 +89,19 @@ def open_source(spec: str, caption_policy: str = "error") -> Source:
         if find_metadata(fs, root) is not None:
             return MetadataSource(spec, policy)
         return FolderSource(spec, policy)
+    return _file_source(spec, policy) or _not_a_source(
+        f"{spec} is not a data source stablediff can read; a data source is {ACCEPTED}")
+
+
+def _file_source(spec: str, policy: CaptionPolicy) -> Source | None:
+    """Tar shards and parquet files, by their suffix (one file or a pattern of them)."""
+    lowered = spec.lower()
     if lowered.endswith(SHARD_SUFFIXES):
         return TarSource(spec, policy)
     if lowered.endswith(".parquet"):
         return table_source("ParquetSource", spec, policy)
-    raise SourceError(f"{spec} is not a data source stablediff can read; "
-                      f"a data source is {ACCEPTED}")
+    return None
+
+
+def _not_a_source(message: str) -> Source:
+    raise SourceError(message)
