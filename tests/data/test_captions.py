@@ -45,3 +45,15 @@ def test_options_shuffle_then_drop():
     outs = [options.apply("a, b, c, d", np.random.default_rng(s)) for s in range(40)]
     assert "" in outs and any(o.startswith("a, ") for o in outs)
     assert all(o == "" or o.startswith("a, ") for o in outs)
+
+
+def test_shuffled_variants_keep_the_head_and_are_reproducible():
+    from stablediff.data.captions import shuffled_variants
+
+    caption = "sks dog, sitting, grass, sunny, photo"
+    variants = shuffled_variants(caption, 6, seed=1, sample_index=3, keep_tokens=1)
+    assert variants[0] == caption and len(variants) > 1
+    assert all(v.startswith("sks dog, ") for v in variants)
+    assert all(sorted(v.split(", ")) == sorted(caption.split(", ")) for v in variants)
+    assert variants == shuffled_variants(caption, 6, seed=1, sample_index=3, keep_tokens=1)
+    assert shuffled_variants("one tag", 4, seed=0, sample_index=0) == ["one tag"]

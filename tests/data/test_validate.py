@@ -125,3 +125,7 @@ def test_reject_fraction_with_a_plain_count_and_an_empty_source():
         check_reject_fraction(3, total=4, max_fraction=0.5)
     with pytest.raises(DataError, match="no samples"):
         check_reject_fraction(0, total=0, max_fraction=0.5)
+
+
+def test_no_rejects_by_reason_passes_the_fraction_check():
+    check_reject_fraction({}, 10, 0.0)

@@ -57,3 +57,14 @@ def test_data_cache_without_a_vae_is_a_clear_error(tmp_path):
 def test_flip_augmentation_trains_from_cached_mirrored_latents(tmp_path):
     result = run_cli("train", "tiny", "--run-dir", str(tmp_path / "run"), "--set", "data.flip_probability=0.5")
     assert result.returncode == 0, result.stderr
+
+
+def test_tag_shuffling_trains_with_each_variant_cached_once(tmp_path):
+    source = make_folder(tmp_path / "data", good=12, bad=0)
+    for i in range(12):
+        (source / f"img{i}.txt").write_text(f"subject{i}, red, noisy, square, picture")
+    result = run_cli("train", "tiny", "--run-dir", str(tmp_path / "run"), "--set", f"data.source={source}",
+                     "--set", "data.caption_shuffle_variants=3", "--set", "data.keep_tokens=1")
+    assert result.returncode == 0, result.stderr
+    encoded = int(result.stderr.split(" images and ")[1].split(" captions encoded")[0])
+    assert 12 < encoded <= 36  # up to 3 variants per caption, each encoded once

@@ -33,6 +33,9 @@ class DataConfig(Section):
         "error", description="a sample without a caption: reject it, use '', or use the file name")
     limit: int | None = Field(None, ge=1, description="use only the first N training samples (quick runs)")
     flip_probability: float = Field(0.0, ge=0.0, le=1.0, description="horizontal flip augmentation")
+    caption_shuffle_variants: int = Field(
+        1, ge=1, le=64, description="tag-shuffled versions of each comma-separated caption (1: no shuffle)")
+    keep_tokens: int = Field(0, ge=0, description="leading tags that shuffling keeps in place (kohya)")
     cache_dir: str | None = Field(None, description="feature cache folder (default RUN_DIR/features); "
                                   "share it between runs to encode each image once")
 

@@ -49,3 +49,19 @@ class CaptionOptions:
         if self.shuffle:
             caption = shuffle_tags(caption, rng, self.keep_tokens)
         return caption_dropout(caption, self.dropout, rng)
+
+
+def shuffled_variants(caption: str, count: int, seed: int, sample_index: int, keep_tokens: int = 0) -> list[str]:
+    """`count` tag-shuffled versions of a caption (the first is the caption as written).
+
+    Training draws one variant per step, so shuffling works with cached text
+    embeddings: each variant is encoded once, like any other caption. The
+    variants are a pure function of (seed, sample_index).
+    """
+    import random
+
+    rng = random.Random(f"{seed}/{sample_index}")
+    variants = [caption]
+    for _ in range(count - 1):
+        variants.append(shuffle_tags(caption, rng, keep_tokens))
+    return list(dict.fromkeys(variants))  # a one-tag caption has one variant

@@ -269,7 +269,7 @@ def check_reject_fraction(rejected: int | Mapping[str, int], total: int, max_fra
     `rejected` is a count, or counts by reason (then the top reasons are named).
     """
     counts = dict(rejected) if isinstance(rejected, Mapping) else {}
-    num_rejected = sum(counts.values()) if counts else int(rejected)
+    num_rejected = sum(counts.values()) if isinstance(rejected, Mapping) else int(rejected)
     if total <= 0:
         raise DataError("the data source yielded no samples; check data.source "
                         "(`stablediff data check SOURCE` lists what it finds)")

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from stablediff.config import RunConfig, dump_config
+from stablediff.data.captions import shuffled_variants
 from stablediff.data.digits import load_digits
 from stablediff.data.loading import load_captioned_images
 from stablediff.models.build import build_noise_scheduler, build_unet, build_vae, count_parameters, vae_downscale
@@ -68,7 +69,11 @@ def load_training_images(config: RunConfig, run_dir: Path):
     data = load_captioned_images(config.data.source, config.data.resolution, run_dir,
                                  config.data.max_reject_fraction, config.data.caption_policy, config.data.limit)
     say(f"data: {len(data.captions)} training and {len(data.held_out)} held-out samples from {config.data.source}")
-    return data.images, data.held_out, data.captions, data.keys
+    captions = data.captions
+    if config.data.caption_shuffle_variants > 1:
+        captions = [shuffled_variants(c[0], config.data.caption_shuffle_variants, config.seed, i,
+                                      config.data.keep_tokens) for i, c in enumerate(captions)]
+    return data.images, data.held_out, captions, data.keys
 
 
 def encode_features(config: RunConfig, run_dir: Path, vae, images, captions, keys, text_encoder):
