@@ -52,11 +52,6 @@ class StepProgress:
             print(f"{self.title}: step {step}/{self.total}  loss {loss:.4f}  {rate:.0f} img/s  "
                   f"ETA {_format_eta(eta)}", file=sys.stderr, flush=True)
 
-    @property
-    def images_per_second(self) -> float:
-        elapsed = time.perf_counter() - self._t0
-        return self._images / elapsed if elapsed > 0 else 0.0
-
     def __exit__(self, *exc: object) -> None:
         if self._progress is not None:
             self._progress.stop()
