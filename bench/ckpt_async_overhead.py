@@ -11,10 +11,7 @@ prints per-save timings. Results go to bench/results/ckpt_async_overhead-<time>.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import sys
 import tempfile
 import time
 
@@ -22,7 +19,8 @@ import torch
 
 from stablediff.checkpoint import AsyncCheckpointer, CheckpointStore, RetentionPolicy
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _common import write_result  # bench/ is on sys.path when a script runs
+
 TENSOR_MB = 16  # size of each tensor in the synthetic state
 
 
@@ -57,13 +55,7 @@ def main() -> None:
     for r in rows:
         print(f"step {r['step']}: snapshot {r['snapshot_s']:.3f}s  wait {r['wait_s']:.3f}s  "
               f"background {r['write_s']:.3f}s  new {r['bytes_new'] / 2**20:.0f} MiB")
-    result = {"args": vars(args), "saves": rows, "python": sys.version.split()[0],
-              "platform": platform.platform(), "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    out = os.path.join(REPO, "bench", "results", f"ckpt_async_overhead-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"results: {out}")
+    write_result("ckpt_async_overhead", {"args": vars(args), "saves": rows})
 
 
 if __name__ == "__main__":
