@@ -59,3 +59,9 @@ def test_repair_restores_the_primary_from_a_replica(run_copy, tmp_path):
 def test_ckpt_on_a_folder_without_a_store_exits_1(tmp_path):
     result = run_cli("ckpt", "list", str(tmp_path))
     assert result.returncode == 1 and "no checkpoint store" in result.stderr
+
+
+def test_info_on_an_empty_store_exits_1(tmp_path):
+    (tmp_path / "checkpoints" / "manifests").mkdir(parents=True)
+    result = run_cli("ckpt", "info", str(tmp_path))
+    assert result.returncode == 1 and "holds no checkpoints" in result.stderr

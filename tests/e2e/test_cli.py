@@ -93,3 +93,17 @@ def test_a_pickle_vae_folder_is_refused_before_training(tiny_run, tmp_path):
         vae_dir, safe_serialization=False)
     result = run_cli("train", "tiny", "--run-dir", str(tmp_path / "r"), "--set", f"vae.pretrained={vae_dir}")
     assert result.returncode == 1 and "--trust-pickle" in result.stderr
+
+
+def test_fresh_refuses_a_non_empty_run_directory(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "keep.txt").write_text("earlier work")
+    result = run_cli("train", "tiny", "--run-dir", str(run_dir), "--fresh")
+    assert result.returncode == 1 and "--fresh" in result.stderr and "not empty" in result.stderr
+    assert sorted(p.name for p in run_dir.iterdir()) == ["keep.txt"]  # nothing touched
+
+
+def test_generate_on_a_folder_that_is_no_model_exits_1(tmp_path):
+    result = run_cli("generate", str(tmp_path), "x")
+    assert result.returncode == 1 and "neither a diffusers pipeline folder" in result.stderr
