@@ -23,5 +23,7 @@ def train(config_name: str, run_dir, overrides, fresh: bool, trust_pickle: bool)
     except TrainingInterrupted as stop:
         click.echo(str(stop), err=True)
         return
+    if result is None:  # a torchrun rank other than 0: rank 0 reports
+        return
     click.echo(f"done: final loss {result.final_loss:.4f}; model in {result.export_dir}; "
                f"samples in {run_dir / 'samples'}")

@@ -20,6 +20,37 @@ def _check_groups(channels: list[int], groups: int, section: str) -> None:
         )
 
 
+UNET_PRESETS: dict[str, dict] = {
+    "tiny": {"block_out_channels": [16, 32], "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+             "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "attention_head_dim": 4,
+             "norm_num_groups": 8, "layers_per_block": 1},
+    "digits": {"block_out_channels": [64, 128, 128],
+               "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+               "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+               "attention_head_dim": 8, "norm_num_groups": 32, "layers_per_block": 1},
+    # The Stable Diffusion 1.5 UNet (860M parameters with a 768-wide text encoder).
+    "sd15": {"block_out_channels": [320, 640, 1280, 1280],
+             "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+             "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+             "attention_head_dim": 8, "norm_num_groups": 32, "layers_per_block": 2},
+}
+VAE_PRESETS: dict[str, dict] = {
+    "tiny": {"block_out_channels": [8, 16], "norm_num_groups": 8, "layers_per_block": 1},
+    "digits": {"block_out_channels": [16, 32, 64], "norm_num_groups": 16, "layers_per_block": 1},
+    "sd15": {"block_out_channels": [128, 256, 512, 512], "norm_num_groups": 32, "layers_per_block": 2},
+}
+
+
+def _with_preset(data: object, presets: dict[str, dict]) -> object:
+    """Fill the keys a preset defines, unless the config gives them explicitly."""
+    if isinstance(data, dict) and data.get("preset") is not None:
+        name = data["preset"]
+        if name not in presets:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(presets)}")
+        return {**presets[name], **data}
+    return data
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -38,6 +69,25 @@ class DataConfig(Section):
     keep_tokens: int = Field(0, ge=0, description="leading tags that shuffling keeps in place (kohya)")
     cache_dir: str | None = Field(None, description="feature cache folder (default RUN_DIR/features); "
                                   "share it between runs to encode each image once")
+    buckets: Literal["auto"] | list[tuple[int, int]] | None = Field(
+        None, description="aspect-ratio buckets: off (null), 'auto' (kohya-style, area <= resolution²), "
+        "or [width, height] pairs, sides multiples of 8 x the VAE downscale; a batch holds one bucket")
+    crop: Literal["center", "random"] = Field(
+        "center", description="crop after resizing to cover the bucket; random crops are cached per variant")
+    crop_variants: int = Field(1, ge=1, le=64, description="random crops encoded and cached per image "
+                               "(cached latents cannot be re-cropped); needs crop: random when > 1")
+    num_workers: int | None = Field(None, ge=0, description="processes decoding and validating images "
+                                    "(default min(4, CPU cores); 0: in the main process)")
+
+    @model_validator(mode="after")
+    def _crop_variants_need_random_crop(self) -> "DataConfig":
+        if self.crop_variants > 1 and self.crop != "random":
+            raise ValueError(f"data.crop_variants = {self.crop_variants} needs data.crop: random "
+                             "(a centre crop is the same every time)")
+        if isinstance(self.buckets, list) and (not self.buckets or min(min(b) for b in self.buckets) < 8):
+            raise ValueError("data.buckets: give at least one [width, height] pair, sides 8 pixels or more, "
+                             "or 'auto'")
+        return self
 
 
 class TextEncoderConfig(Section):
@@ -46,6 +96,9 @@ class TextEncoderConfig(Section):
 
 
 class VAEConfig(Section):
+    enabled: bool = Field(True, description="false: a pixel-space model (the UNet denoises images, no VAE)")
+    preset: Literal["tiny", "digits", "sd15"] | None = Field(
+        None, description="architecture preset; explicit keys given next to it win")
     pretrained: str | None = Field(None, description="a local diffusers folder with a trained VAE")
     block_out_channels: list[int] = [32, 64, 64]
     layers_per_block: int = Field(1, ge=1)
@@ -56,6 +109,8 @@ class VAEConfig(Section):
     learning_rate: float = Field(1e-3, gt=0)
     kl_weight: float = Field(1e-6, ge=0)
 
+    _apply_preset = model_validator(mode="before")(classmethod(lambda cls, data: _with_preset(data, VAE_PRESETS)))
+
     @model_validator(mode="after")
     def _groups_divide_channels(self) -> "VAEConfig":
         _check_groups(self.block_out_channels, self.norm_num_groups, "vae")
@@ -63,12 +118,19 @@ class VAEConfig(Section):
 
 
 class UNetConfig(Section):
+    preset: Literal["tiny", "digits", "sd15"] | None = Field(
+        None, description="architecture preset; explicit keys given next to it win")
+    diffusers_config: str | None = Field(
+        None, description="a diffusers UNet2DConditionModel config.json; replaces the shape keys below "
+        "(in/out channels, sample size and cross-attention width still follow the VAE and text encoder)")
     block_out_channels: list[int] = [64, 128, 128]
     layers_per_block: int = Field(1, ge=1)
     down_block_types: list[str] = ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
     up_block_types: list[str] = ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]
     attention_head_dim: int = Field(8, ge=1)
     norm_num_groups: int = Field(32, ge=1)
+
+    _apply_preset = model_validator(mode="before")(classmethod(lambda cls, data: _with_preset(data, UNET_PRESETS)))
 
     @model_validator(mode="after")
     def _consistent_blocks(self) -> "UNetConfig":
@@ -88,6 +150,8 @@ class NoiseConfig(Section):
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
     beta_start: float = Field(1e-4, gt=0)
     beta_end: float = Field(0.02, gt=0)
+    rescale_zero_terminal_snr: bool = Field(
+        False, description="rescale betas so the last timestep is pure noise (Lin et al. 2023); use v_prediction")
 
 
 class TrainConfig(Section):
@@ -100,8 +164,42 @@ class TrainConfig(Section):
     grad_clip: float | None = Field(1.0, gt=0)
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
+    loss_weighting: Literal["uniform", "min_snr"] = "uniform"
+    snr_gamma: float = Field(5.0, gt=0, description="gamma of min-SNR weighting (Hang et al. 2023)")
+    noise_offset: float = Field(0.0, ge=0, description="offset noise strength (0.05-0.1 typical; 0 off)")
+    timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = Field(1.0, gt=0)
+    ema_half_life_images: float | None = Field(
+        None, gt=0, description="EMA by half-life in images (EDM); replaces ema_decay when set")
+    ema_warmup: bool = Field(True, description="ramp the EMA decay up over the first steps")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step; "
+                                             "each micro-batch holds batch_size samples")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "no", description="autocast dtype; fp16 adds a dynamic grad scaler")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory")
+    compile: bool = Field(False, description="torch.compile the UNet (slow first steps, faster after)")
+    channels_last: bool = Field(False, description="NHWC memory layout for the UNet (faster convs on GPUs)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: the local GPU when there is one")
+    validate_every: int | None = Field(
+        None, ge=1, description="steps between validation losses on the held-out split (val_loss)")
+    validation_timesteps: int = Field(5, ge=1, le=100, description="fixed timesteps of the validation loss")
+    tensorboard: bool = Field(True, description="also write TensorBoard events to RUN_DIR/tb")
     log_every: int = Field(25, ge=1)
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
+
+
+class GuardConfig(Section):
+    """Divergence guard: skip bad steps, roll back to the last good checkpoint when they repeat."""
+
+    enabled: bool = True
+    spike_factor: float = Field(10.0, gt=1, description="a loss above this x the running median is a spike")
+    window: int = Field(50, ge=3, description="good losses in the running median")
+    min_history: int = Field(20, ge=1, description="good steps before spikes are judged")
+    max_events: int = Field(3, ge=1, description="bad steps within `within_steps` that trigger a rollback")
+    within_steps: int = Field(50, ge=1)
+    lr_factor: float = Field(0.5, gt=0, le=1, description="LR multiplier applied at each rollback")
+    max_rollbacks: int = Field(3, ge=0, description="rollbacks before the run stops with an error")
 
 
 class CheckpointConfig(Section):
@@ -120,6 +218,7 @@ class SampleConfig(Section):
     steps: int = Field(20, ge=1)
     guidance_scale: float = Field(3.0, ge=0)
     seed: int = 0
+    every_steps: int | None = Field(None, ge=1, description="steps between sample grids in RUN_DIR/samples")
 
 
 class RunConfig(Section):
@@ -131,6 +230,7 @@ class RunConfig(Section):
     unet: UNetConfig = Field(default_factory=UNetConfig)
     noise: NoiseConfig = Field(default_factory=NoiseConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    guard: GuardConfig = Field(default_factory=GuardConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
 

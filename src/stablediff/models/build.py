@@ -47,11 +47,11 @@ def build_unet(cfg: UNetConfig, latent_channels: int, latent_size: int, cross_at
 
 
 def build_noise_scheduler(cfg: NoiseConfig, prediction_type: str) -> DDPMScheduler:
-    return DDPMScheduler(
-        num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
-        beta_start=cfg.beta_start, beta_end=cfg.beta_end, prediction_type=prediction_type,
-        clip_sample=False, steps_offset=1,
-    )
+    """The config's training noise schedule; the rules live in training.objectives (one place)."""
+    from stablediff.training.objectives import make_noise_scheduler
+
+    return make_noise_scheduler(cfg.num_train_timesteps, cfg.beta_schedule, cfg.beta_start, cfg.beta_end,
+                                prediction_type, cfg.rescale_zero_terminal_snr)
 
 
 def count_parameters(module: torch.nn.Module) -> int:

@@ -16,7 +16,9 @@ from typing import Callable
 
 from stablediff.checkpoint import AsyncCheckpointer, CheckpointError, CheckpointStore, LoadedCheckpoint, RetentionPolicy
 from stablediff.config.schema import CheckpointConfig
+from stablediff.training import distributed
 from stablediff.training import state as train_state
+from stablediff.training.distributed import DistInfo
 
 
 class TrainingInterrupted(Exception):
@@ -63,13 +65,19 @@ def _has_checkpoints(store: CheckpointStore) -> bool:
 
 
 class RunCheckpointer:
-    """Saves the run on schedule and on signals; owns the async writer."""
+    """Saves the run on schedule and on signals; owns the async writer.
+
+    Under torchrun every rank holds one: they agree on when to save or stop (an OR
+    over ranks at each step boundary), `capture` gathers every rank's RNG, and
+    rank 0 alone writes.
+    """
 
     def __init__(self, primary: CheckpointStore, replicas: list[CheckpointStore], cfg: CheckpointConfig,
-                 say: Callable[[str], None]) -> None:
+                 say: Callable[[str], None], dist_info: DistInfo = DistInfo()) -> None:
         retention = RetentionPolicy(keep_last=cfg.keep_last, keep_best=cfg.keep_best, best_metric="val_loss",
                                     keep_every=cfg.keep_every)
-        self.writer = AsyncCheckpointer(primary, replicas, retention, log=say)
+        self.primary, self.replicas = primary, replicas
+        self.writer = AsyncCheckpointer(primary, replicas, retention, log=say) if dist_info.is_main else None
         self.cfg, self.say = cfg, say
         self._last_save_time = time.monotonic()
         self._last_saved_step: int | None = None
@@ -91,9 +99,11 @@ class RunCheckpointer:
         self._previous_handlers.clear()
 
     # -- saving --------------------------------------------------------------------
-    def save(self, tensors: dict, meta: dict, metrics: dict | None = None) -> None:
-        step = int(meta["step"])
-        self.writer.snapshot_and_save(step, tensors, meta, metrics or {})
+    def save(self, step: int, capture: Callable[[], tuple[dict, dict] | None], metrics: dict | None = None) -> None:
+        """Take the snapshot (a collective under torchrun) and, on rank 0, hand it to the writer."""
+        captured = capture()
+        if self.writer is not None and captured is not None:
+            self.writer.snapshot_and_save(step, *captured, metrics or {})
         self._last_save_time, self._last_saved_step = time.monotonic(), step
 
     def mark_saved(self, step: int) -> None:
@@ -105,24 +115,42 @@ class RunCheckpointer:
             return True
         return bool(self.cfg.every_seconds and time.monotonic() - self._last_save_time >= self.cfg.every_seconds)
 
-    def after_step(self, step: int, capture: Callable[[], tuple[dict, dict]], metrics: dict) -> None:
-        """Called at every step boundary: scheduled saves, and the emergency save on a signal."""
-        if self.stop_signal is not None:
-            self.save(*capture(), metrics)
-            self.writer.wait()
-            raise TrainingInterrupted(self.stop_signal, step)
-        if self.due(step):
-            self.save(*capture(), metrics)
+    def after_step(self, step: int, capture: Callable[[], tuple[dict, dict] | None], metrics: dict,
+                   force: bool = False) -> None:
+        """Called at every step boundary: scheduled (or `force`d) saves, and the emergency save on a signal."""
+        stop, due = distributed.any_rank([self.stop_signal is not None, force or self.due(step)])
+        if stop:
+            self.save(step, capture, metrics)
+            self.wait()
+            raise TrainingInterrupted(self.stop_signal or "SIGTERM (another rank)", step)
+        if due:
+            self.save(step, capture, metrics)
 
-    def finish(self, step: int, capture: Callable[[], tuple[dict, dict]], metrics: dict) -> None:
+    def finish(self, step: int, capture: Callable[[], tuple[dict, dict] | None], metrics: dict) -> None:
         """The final checkpoint (unless this step was just saved), then wait for the writer."""
         if self._last_saved_step != step:
-            self.save(*capture(), metrics)
+            self.save(step, capture, metrics)
         self.close()
+
+    def wait(self) -> None:
+        """Until the save in flight (rank 0's) is committed."""
+        if self.writer is not None:
+            self.writer.wait()
+
+    def load_before(self, step: int) -> LoadedCheckpoint:
+        """The newest checkpoint at or before `step` (a divergence rollback's target); every rank calls it."""
+        self.wait()
+        distributed.barrier()  # no rank reads the store before rank 0's last save is committed
+        candidates = [s for s in self.primary.steps() if s <= step]
+        if not candidates:
+            raise CheckpointError(f"training diverged at step {step} and no checkpoint precedes it; lower "
+                                  "train.learning_rate or set checkpoint.every_steps so a rollback has a target")
+        return self.primary.load(step=max(candidates), fallbacks=self.replicas)
 
     def close(self) -> None:
         self.restore_signal_handlers()
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 __all__ = ["RunCheckpointer", "TrainingInterrupted", "find_resume", "open_stores", "train_state"]

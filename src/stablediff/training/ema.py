@@ -1,7 +1,15 @@
-"""Exponential moving average of weights, with the usual warm-up of the decay.
+"""Exponential moving average of weights.
 
-decay_t = min(decay, (1 + t) / (10 + t)): early averages forget the random
-initialisation fast (the schedule diffusers' EMAModel and many SD trainers use).
+The decay per update is either a fixed `decay` or, with `half_life_images`, the
+decay that halves an old weight's share after that many training images (EDM,
+Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative
+Models": beta = 0.5 ** (batch_size / half_life_images)). Counting in images
+keeps the average's horizon fixed when the batch size changes.
+
+Warm-up (on by default) caps it at (1 + t) / (10 + t), so early averages forget
+the random initialisation fast (the schedule of diffusers' EMAModel without
+`use_ema_warmup`, and of many SD trainers). The decay is a pure function of
+(step, batch size), so the EMA's resumable state is just its weights.
 """
 
 from __future__ import annotations
@@ -11,20 +19,53 @@ import copy
 import torch
 
 
-def ema_decay_at(step: int, decay: float) -> float:
-    return min(decay, (1 + step) / (10 + step))
+def ema_decay_at(step: int, decay: float, warmup: bool = True) -> float:
+    """The decay used at optimizer step `step` (0-based): `decay`, capped by (1 + t) / (10 + t) when warming up."""
+    return min(decay, (1 + step) / (10 + step)) if warmup else decay
+
+
+def half_life_decay(batch_size: int, half_life_images: float) -> float:
+    """EDM's per-update decay: 0.5 ** (batch_size / half_life_images)."""
+    if half_life_images <= 0:
+        raise ValueError(f"train.ema_half_life_images must be positive (EDM uses 500000), got {half_life_images}")
+    if batch_size < 1:
+        raise ValueError(f"the EMA needs the images per update (the global batch size), got {batch_size}")
+    return 0.5 ** (batch_size / half_life_images)
 
 
 class EMA:
-    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+    """EMA of a model's parameters; `model` holds the averaged copy (eval mode, no grads).
+
+    EMA(unet, decay=0.999)                           fixed decay, warm-up on
+    EMA(unet, half_life_images=10_000, warmup=False)  EDM half-life; pass batch_size to update()
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float = 0.999, half_life_images: float | None = None,
+                 warmup: bool = True) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"train.ema_decay must be in [0, 1), got {decay}")
+        if half_life_images is not None and half_life_images <= 0:
+            raise ValueError(f"train.ema_half_life_images must be positive or unset, got {half_life_images}")
         self.decay = decay
+        self.half_life_images = half_life_images
+        self.warmup = warmup
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
+    def decay_at(self, step: int, batch_size: int | None = None) -> float:
+        """The decay of the update after optimizer step `step` with `batch_size` images (global)."""
+        if self.half_life_images is None:
+            return ema_decay_at(step, self.decay, self.warmup)
+        if batch_size is None:
+            raise ValueError("an EMA with ema_half_life_images needs update(model, step, batch_size=<images "
+                             "in this optimizer step, across all ranks>)")
+        return ema_decay_at(step, half_life_decay(batch_size, self.half_life_images), self.warmup)
+
     @torch.no_grad()
-    def update(self, model: torch.nn.Module, step: int) -> None:
-        d = ema_decay_at(step, self.decay)
+    def update(self, model: torch.nn.Module, step: int, batch_size: int | None = None) -> None:
+        """ema <- d * ema + (1 - d) * model, with d = decay_at(step, batch_size)."""
+        d = self.decay_at(step, batch_size)
         ema_params = list(self.model.parameters())
-        params = [p.detach() for p in model.parameters()]
+        params = [p.detach().to(e.device) for p, e in zip(model.parameters(), ema_params)]
         torch._foreach_lerp_(ema_params, params, 1.0 - d)
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -1,10 +1,49 @@
-"""Diffusion training targets and the loss of one step, as pure functions."""
+"""Diffusion training objectives as pure functions: noise schedules, targets, loss weights,
+offset noise, timestep sampling, and the loss of one step.
+
+Every random draw takes an explicit `torch.Generator`, so a step stays a pure
+function of (seed, step, rank) (see `seeding.step_generator`); nothing here
+touches the global RNG.
+"""
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
-import torch.nn.functional as F
 from diffusers import DDPMScheduler
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+LOSS_WEIGHTINGS = ("uniform", "min_snr")
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
+
+
+def make_noise_scheduler(num_train_timesteps: int = 1000, beta_schedule: str = "linear", beta_start: float = 1e-4,
+                         beta_end: float = 0.02, prediction_type: str = "epsilon",
+                         rescale_zero_terminal_snr: bool = False) -> DDPMScheduler:
+    """The training noise schedule: linear (DDPM), scaled_linear (Stable Diffusion) or
+    squaredcos_cap_v2 (cosine, Nichol & Dhariwal 2021), optionally rescaled to zero terminal
+    SNR (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed").
+
+    With zero terminal SNR, x_T is pure noise, so an epsilon model learns nothing at t = T and
+    sampling divides by sqrt(alpha_bar_T) = 0: that combination is refused (use v_prediction,
+    as the paper does). The "trailing" spacing the paper pairs with it is stored in the config,
+    so inference schedulers built from it start at t = T.
+    """
+    if beta_schedule not in BETA_SCHEDULES:
+        raise ValueError(f"noise.beta_schedule {beta_schedule!r} is not supported; use one of {BETA_SCHEDULES}")
+    _check_prediction_type(prediction_type)
+    if rescale_zero_terminal_snr and prediction_type == "epsilon":
+        raise ValueError("noise.rescale_zero_terminal_snr needs train.prediction_type v_prediction (or sample): "
+                         "at zero terminal SNR an epsilon model cannot recover the image at t = T "
+                         "(Lin et al. 2023). Set train.prediction_type=v_prediction.")
+    return DDPMScheduler(
+        num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, beta_start=beta_start,
+        beta_end=beta_end, prediction_type=prediction_type, clip_sample=False, steps_offset=1,
+        rescale_betas_zero_snr=rescale_zero_terminal_snr,
+        timestep_spacing="trailing" if rescale_zero_terminal_snr else "leading",
+    )
 
 
 def training_target(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor,
@@ -20,14 +59,111 @@ def training_target(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torc
     raise ValueError(f"unknown prediction_type {prediction_type!r}; use epsilon, v_prediction or sample")
 
 
-def diffusion_loss(unet: torch.nn.Module, scheduler: DDPMScheduler, latents: torch.Tensor,
-                   text_embeddings: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
-                   prediction_type: str) -> torch.Tensor:
-    """Mean squared error between the network's prediction and its target.
+def snr(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t) at each timestep, (B,) float32."""
+    alphas_cumprod = scheduler.alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)
+    alpha_bar = alphas_cumprod[timesteps]
+    return alpha_bar / (1.0 - alpha_bar)
+
+
+def loss_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, prediction_type: str,
+                 weighting: str = "uniform", snr_gamma: float = 5.0) -> torch.Tensor:
+    """Per-sample loss weights (B,).
+
+    min_snr: Min-SNR-gamma (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR
+    Weighting Strategy") caps the x0-space weight at gamma so easy, low-noise steps stop
+    dominating; expressed for each target: x0 min(snr, g), epsilon min(snr, g) / snr,
+    v min(snr, g) / (snr + 1).
+    """
+    _check_prediction_type(prediction_type)
+    if weighting == "uniform":
+        return torch.ones(timesteps.shape, dtype=torch.float32, device=timesteps.device)
+    if weighting != "min_snr":
+        raise ValueError(f"train.loss_weighting {weighting!r} is not supported; use one of {LOSS_WEIGHTINGS}")
+    if snr_gamma <= 0:
+        raise ValueError(f"train.snr_gamma must be positive (5.0 is the paper's choice), got {snr_gamma}")
+    ratio = snr(scheduler, timesteps)
+    clipped = ratio.clamp(max=snr_gamma)
+    if prediction_type == "sample":
+        return clipped
+    if prediction_type == "v_prediction":
+        return clipped / (ratio + 1.0)
+    # epsilon: min(snr, g) / snr -> 1 as snr -> 0 (only reachable with zero terminal SNR)
+    return torch.where(ratio > 0, clipped / ratio.clamp(min=torch.finfo(ratio.dtype).tiny), torch.ones_like(ratio))
+
+
+def offset_noise(noise: torch.Tensor, offset: float, generator: torch.Generator) -> torch.Tensor:
+    """noise + offset * N(0, 1) per sample and channel, constant over the image
+    (Guttenberg 2023, crosslabs "Diffusion with Offset Noise"): lets the model learn to
+    change an image's mean brightness, i.e. produce very dark or bright images. 0 disables."""
+    if offset < 0:
+        raise ValueError(f"train.noise_offset must be >= 0 (0.05-0.1 is typical), got {offset}")
+    if offset == 0:
+        return noise
+    batch, channels = noise.shape[:2]
+    shift = torch.randn((batch, channels) + (1,) * (noise.dim() - 2), generator=generator,
+                        device=generator.device, dtype=torch.float32)
+    return noise + offset * shift.to(device=noise.device, dtype=noise.dtype)
+
+
+def sample_timesteps(batch_size: int, num_train_timesteps: int, generator: torch.Generator,
+                     method: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0) -> torch.Tensor:
+    """Discrete training timesteps (B,) int64 in [0, num_train_timesteps).
+
+    uniform: every timestep equally often (DDPM).
+    logit_normal: t = sigmoid(N(mean, std)) * T (Esser et al. 2024, "Scaling Rectified Flow
+    Transformers", SD3), concentrating training on the middle noise levels.
+    """
+    if method == "uniform":
+        return torch.randint(0, num_train_timesteps, (batch_size,), generator=generator, device=generator.device)
+    if method != "logit_normal":
+        raise ValueError(f"train.timestep_sampling {method!r} is not supported; use one of {TIMESTEP_SAMPLINGS}")
+    if logit_std <= 0:
+        raise ValueError(f"train.logit_std must be positive (1.0 is SD3's choice), got {logit_std}")
+    normal = torch.randn((batch_size,), generator=generator, device=generator.device, dtype=torch.float64)
+    u = torch.sigmoid(logit_mean + logit_std * normal)
+    return (u * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
+
+
+def per_sample_loss(unet: torch.nn.Module, scheduler: DDPMScheduler, latents: torch.Tensor,
+                    text_embeddings: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                    prediction_type: str) -> torch.Tensor:
+    """Unweighted mean squared error of each sample (B,), float32.
 
     latents (B, C, h, w), text_embeddings (B, L, D), noise like latents, timesteps (B,).
     """
     noisy = scheduler.add_noise(latents, noise, timesteps)
     prediction = unet(noisy, timesteps, text_embeddings).sample
     target = training_target(scheduler, latents, noise, timesteps, prediction_type)
-    return F.mse_loss(prediction.float(), target.float())
+    squared = (prediction.float() - target.float()) ** 2
+    return squared.flatten(1).mean(dim=1)
+
+
+def diffusion_loss(unet: torch.nn.Module, scheduler: DDPMScheduler, latents: torch.Tensor,
+                   text_embeddings: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                   prediction_type: str, weighting: str = "uniform", snr_gamma: float = 5.0) -> torch.Tensor:
+    """The scalar training loss: the mean over the batch of weighted per-sample MSE.
+
+    With weighting="uniform" this is plain MSE between the prediction and its target.
+    """
+    weights = loss_weights(scheduler, timesteps, prediction_type, weighting, snr_gamma)
+    losses = per_sample_loss(unet, scheduler, latents, text_embeddings, noise, timesteps, prediction_type)
+    return (losses * weights.to(losses.device)).mean()
+
+
+def evenly_spaced_timesteps(count: int, num_train_timesteps: int) -> tuple[int, ...]:
+    """`count` timesteps at the centres of equal slices of [0, T): 5 of 1000 -> 100, 300, ..., 900."""
+    if not 1 <= count <= num_train_timesteps:
+        raise ValueError(f"asked for {count} evenly spaced timesteps; choose 1 to {num_train_timesteps}")
+    return tuple(int((2 * i + 1) * num_train_timesteps // (2 * count)) for i in range(count))
+
+
+def check_timesteps(timesteps: Sequence[int], num_train_timesteps: int) -> None:
+    bad = [t for t in timesteps if not 0 <= int(t) < num_train_timesteps]
+    if bad:
+        raise ValueError(f"timesteps {bad} are outside [0, {num_train_timesteps}); pick values in that range")
+
+
+def _check_prediction_type(prediction_type: str) -> None:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"train.prediction_type {prediction_type!r} is not supported; use one of {PREDICTION_TYPES}")

@@ -19,10 +19,12 @@ def _format_eta(seconds: float) -> str:
 
 
 class StepProgress:
-    def __init__(self, title: str, total: int, start: int = 0, log_every: int = 25) -> None:
+    def __init__(self, title: str, total: int, start: int = 0, log_every: int = 25, enabled: bool = True) -> None:
+        """`enabled=False` (ranks other than 0 under torchrun) prints nothing."""
         self.title, self.total, self.start, self.log_every = title, total, start, log_every
+        self.enabled = enabled
         self.console = Console(stderr=True)
-        self.interactive = self.console.is_terminal
+        self.interactive = self.console.is_terminal and enabled
         self._t0 = time.perf_counter()
         self._images = 0
         self._progress: Progress | None = None
@@ -46,7 +48,7 @@ class StepProgress:
         rate = self._images / elapsed if elapsed > 0 else 0.0
         if self._progress is not None:
             self._progress.update(self._task, completed=step, loss=f"{loss:.4f}", rate=f"{rate:.0f}")
-        elif step % self.log_every == 0 or step == self.total:
+        elif self.enabled and (step % self.log_every == 0 or step == self.total):
             done = step - self.start
             eta = (self.total - step) * elapsed / done if done else 0.0
             print(f"{self.title}: step {step}/{self.total}  loss {loss:.4f}  {rate:.0f} img/s  "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -17,20 +18,20 @@ from pathlib import Path
 import torch
 
 from stablediff.config import RunConfig, dump_config
-from stablediff.data.captions import shuffled_variants
-from stablediff.data.digits import load_digits
-from stablediff.data.loading import load_captioned_images
+from stablediff.data.loading import CaptionedImages, load_training_data
 from stablediff.models.build import build_noise_scheduler, build_unet, build_vae, count_parameters, vae_downscale
 from stablediff.models.text_encoder import load_text_encoder
 from stablediff.training import state as train_state
 from stablediff.training.checkpointing import RunCheckpointer, find_resume, open_stores
 from stablediff.data.features import FeatureCache
-from stablediff.data.validate import content_hash
-from stablediff.training.features import encode_dataset_cached
+from stablediff.training.features import bucket_step, encode_dataset_cached
 from stablediff.training.metrics import MetricsLog
 from stablediff.training.seeding import seed_everything
-from stablediff.training.unet_stage import make_train_state, train_unet
-from stablediff.training.vae_stage import VAEReport, images_to_tensor, train_vae
+from stablediff.training import distributed
+from stablediff.training.hooks import make_hooks
+from stablediff.training.precision import resolve_device
+from stablediff.training.unet_stage import make_train_state, train_unet, wrap_data_parallel
+from stablediff.training.vae_stage import VAEReport, train_vae
 
 
 @dataclass
@@ -43,7 +44,9 @@ class RunResult:
 
 
 def say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    """Progress for the user, from rank 0 only under torchrun (the other ranks do the same work)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr, flush=True)
 
 
 def prepare_run_dir(config: RunConfig, run_dir: Path, fresh: bool) -> None:
@@ -55,33 +58,18 @@ def prepare_run_dir(config: RunConfig, run_dir: Path, fresh: bool) -> None:
     (run_dir / "config.yaml").write_text(dump_config(config))
 
 
-def load_training_images(config: RunConfig, run_dir: Path):
-    """(images, held_out, captions, keys): the digits' fixed split, or any source through validation.
-
-    `keys` name each image's content for the feature cache.
-    """
-    if config.data.source == "builtin:digits":
-        train, held = load_digits(config.data.resolution)
-        n = config.data.limit or len(train)
-        captions = [train.captions_for(i) for i in range(n)]
-        keys = [content_hash(image.tobytes()) for image in train.images[:n]]
-        return images_to_tensor(train.images[:n]), images_to_tensor(held.images), captions, keys
-    data = load_captioned_images(config.data.source, config.data.resolution, run_dir,
-                                 config.data.max_reject_fraction, config.data.caption_policy, config.data.limit)
-    say(f"data: {len(data.captions)} training and {len(data.held_out)} held-out samples from {config.data.source}")
-    captions = data.captions
-    if config.data.caption_shuffle_variants > 1:
-        captions = [shuffled_variants(c[0], config.data.caption_shuffle_variants, config.seed, i,
-                                      config.data.keep_tokens) for i, c in enumerate(captions)]
-    return data.images, data.held_out, captions, data.keys
+def load_training_images(config: RunConfig, run_dir: Path) -> CaptionedImages:
+    """The digits' fixed split, or any source through validation: `.images`, `.held_out`, `.captions`,
+    `.keys` (content hashes, for the feature cache) and `.framed` (bucketed, cropped: for the latents)."""
+    return load_training_data(config.data, config.seed, run_dir, bucket_step(config.vae), say)
 
 
-def encode_features(config: RunConfig, run_dir: Path, vae, images, captions, keys, text_encoder):
-    """Latents and caption embeddings through the on-disk feature cache."""
+def encode_features(config: RunConfig, run_dir: Path, vae, loaded: CaptionedImages, text_encoder):
+    """Latents (per bucket and crop variant) and caption embeddings through the on-disk feature cache."""
     cache = FeatureCache(config.data.cache_dir or run_dir / "features")
-    transform_id = f"cover-center-{config.data.resolution}"
-    data, counts = encode_dataset_cached(vae, images, captions, text_encoder, keys, cache, transform_id,
-                                         flip=config.data.flip_probability > 0)
+    data, counts = encode_dataset_cached(vae, loaded.framed, loaded.captions, text_encoder, cache,
+                                         flip=config.data.flip_probability > 0,
+                                         bucketed=config.data.buckets is not None)
     say(f"features: {counts.latents_encoded} images and {counts.text_encoded} captions encoded, "
         f"{counts.latents_reused} images and {counts.text_reused} captions reused from {cache.root}")
     return data
@@ -91,71 +79,133 @@ def encode_features(config: RunConfig, run_dir: Path, vae, images, captions, key
 class Stage2:
     """Everything the UNet stage trains with, built fresh or restored from a checkpoint."""
 
-    vae: object
+    vae: object  # None for a pixel-space model
     text_encoder: object
     data: object
     state: object
     noise_scheduler: object
-    capture: Callable[[], tuple[dict, dict]]
+    capture: Callable[..., tuple[dict, dict] | None]
     vae_report: VAEReport | None
+    held_out: torch.Tensor
+    scaling_factor: float
+
+    def pipeline(self):
+        """A diffusers pipeline around the EMA weights (latent models only)."""
+        from stablediff.inference.pipeline import assemble_pipeline  # heavy; not needed to resume training
+
+        pipe = assemble_pipeline(self.vae, self.text_encoder.model, self.text_encoder.tokenizer,
+                                 self.state.ema.model, dict(self.noise_scheduler.config))
+        return pipe.to(self.state.precision.device)
 
 
 def run_training(config: RunConfig, run_dir: Path, fresh: bool = False, trust_pickle: bool = False) -> RunResult:
+    """A whole run; under torchrun every rank calls this and rank 0 writes the run directory."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
-    prepare_run_dir(config, run_dir, fresh)
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    dist_info = distributed.from_environment()
+    device = resolve_device(config.train.device, dist_info.local_rank)
+    distributed.init(dist_info, device)
+    try:
+        stage = train_stage2(config, run_dir, fresh, trust_pickle, dist_info, device)
+        return export_and_sample(config, run_dir, stage) if dist_info.is_main else None
+    finally:
+        distributed.shutdown()
+
+
+def train_stage2(config: RunConfig, run_dir: Path, fresh: bool, trust_pickle: bool, dist_info, device) -> Stage2:
+    """Build (or restore) stage 2 and run its loop with checkpoints, validation and rollback."""
+    quiet = dist_info.is_main
+    if dist_info.is_main:
+        prepare_run_dir(config, run_dir, fresh)
+    else:  # the other ranks restore the checkpoint rank 0 commits after stage 1
+        distributed.barrier()
+    metrics = MetricsLog(run_dir / "metrics.jsonl") if dist_info.is_main else None
     primary, replicas = open_stores(run_dir, config.checkpoint)
     timings = {"run_start": time.time()}
-    resume = find_resume(primary, replicas, say, timings)
-    stage = build_stage2(config, run_dir, resume, metrics, trust_pickle)
+    resume = find_resume(primary, replicas, say if quiet else _silent, timings)
+    stage = build_stage2(config, run_dir, resume, metrics, trust_pickle, dist_info, device)
     timings["rebuilt"] = time.time()
-
-    checkpointer = RunCheckpointer(primary, replicas, config.checkpoint, say)
+    checkpointer = RunCheckpointer(primary, replicas, config.checkpoint, say, dist_info)
     checkpointer.install_signal_handlers()
+    hooks = make_hooks(config, run_dir, stage, checkpointer, metrics, resume, timings, dist_info)
     try:
         if resume is None:  # protects stage 1's work before stage 2 starts
-            checkpointer.save(*stage.capture(), {})
+            checkpointer.save(0, partial(stage.capture, gather=False), {})
+            checkpointer.wait()
         else:
             checkpointer.mark_saved(resume.step)
-
-        def after_step(s) -> None:
-            if resume is not None and s.step == resume.step + 1:  # recovery timeline, for bench/recovery.py
-                metrics.write(event="resumed", step=resume.step, **{f"t_{k}": v for k, v in timings.items()},
-                              t_first_step=time.time())
-            checkpointer.after_step(s.step, stage.capture, {"train_loss": s.last_loss})
-
-        say(f"stage 2: text-to-image UNet, {count_parameters(stage.state.unet) / 1e6:.2f}M parameters, "
-            f"{config.train.max_steps} steps of {config.train.batch_size} on {len(stage.data)} images")
-        train_unet(stage.state, stage.data, stage.noise_scheduler, config.train, stage.vae.config.scaling_factor,
-                   config.data, config.seed, metrics, on_step_end=after_step)
-        checkpointer.finish(stage.state.step, stage.capture, {"train_loss": stage.state.last_loss})
+        if dist_info.is_main:
+            distributed.barrier()  # releases the other ranks: the checkpoint they restore is committed
+        if dist_info.enabled:
+            wrap_data_parallel(stage.state)
+            say(f"stage 2: text-to-image UNet, {count_parameters(stage.state.unet) / 1e6:.2f}M parameters, "
+                f"{config.train.max_steps} steps of {describe_batch(config, dist_info)} on {len(stage.data)} images")
+        train_unet(stage.state, stage.data, stage.noise_scheduler, config.train, stage.scaling_factor,
+                   config.data, config.seed, metrics, hooks, dist_info.rank, dist_info.world_size)
+        checkpointer.finish(stage.state.step, stage.capture, hooks.last_metrics(stage.state))
     finally:
         checkpointer.close()
-    return export_and_sample(config, run_dir, stage)
+        hooks.close()
+    return stage
 
 
-def build_stage2(config: RunConfig, run_dir: Path, resume, metrics: MetricsLog, trust_pickle: bool) -> Stage2:
+def describe_batch(config: RunConfig, dist_info) -> str:
+    parts = [str(config.train.batch_size)]
+    if config.train.gradient_accumulation_steps > 1:
+        parts.append(f"{config.train.gradient_accumulation_steps} micro-batches")
+    if dist_info.enabled:
+        parts.append(f"{dist_info.world_size} ranks")
+    return " x ".join(parts)
+
+
+def _silent(message: str) -> None:
+    pass
+
+
+def build_stage2(config: RunConfig, run_dir: Path, resume, metrics: MetricsLog | None, trust_pickle: bool,
+                 dist_info=distributed.DistInfo(), device=torch.device("cpu")) -> Stage2:
     """Data, text encoder, VAE (stage 1), encoded features and the UNet train state."""
     seed_everything(config.seed)
-    images, held_out, captions, keys = load_training_images(config, run_dir)
+    # Only rank 0 writes the run's quarantine file; the others judge the same samples silently.
+    data_dir = run_dir if dist_info.is_main else Path(tempfile.mkdtemp(prefix="stablediff-rank"))
+    loaded = load_training_images(config, data_dir)
+    images, held_out, captions = loaded.images, loaded.held_out, loaded.captions
     text_encoder = load_text_encoder(config.text_encoder.name, config.text_encoder.max_length, trust_pickle)
-    vae, vae_report = vae_stage(config, images, held_out, resume, metrics, trust_pickle)
-    data = encode_features(config, run_dir, vae, images, captions, keys, text_encoder)
+    if config.vae.enabled:
+        vae, vae_report = vae_stage(config, images, held_out, resume, metrics, trust_pickle)
+        data = encode_features(config, run_dir, vae, loaded, text_encoder)
+        scaling_factor, latent_channels = vae.config.scaling_factor, vae.config.latent_channels
+        latent_size = config.data.resolution // vae_downscale(vae)
+    else:
+        from stablediff.training.pixel_space import encode_pixels
+
+        vae, vae_report = None, None
+        data = encode_pixels(images, captions, text_encoder, flip=config.data.flip_probability > 0)
+        scaling_factor, latent_channels, latent_size = 1.0, 3, config.data.resolution
     seed_everything(config.seed)
-    latent_size = config.data.resolution // vae_downscale(vae)
-    unet = build_unet(config.unet, vae.config.latent_channels, latent_size, text_encoder.hidden_size)
+    unet = build_unet(config.unet, latent_channels, latent_size, text_encoder.hidden_size)
     noise_scheduler = build_noise_scheduler(config.noise, config.train.prediction_type)
-    state = make_train_state(unet, config.train, len(data), config.seed)
-    state.extra = {"vae_scaling_factor": vae.config.scaling_factor,
+    state = make_train_state(unet, config.train, len(data), config.seed, dist_info.world_size, dist_info.rank,
+                             device, config.guard, bucket_ids=data.sampler_buckets)
+    state.extra = {"vae_scaling_factor": scaling_factor,
                    "vae_report": asdict(vae_report) if vae_report else None}
     if resume is not None:
-        train_state.restore(state, resume.tensors, resume.meta)
+        train_state.restore(state, resume.tensors, resume.meta, rank=dist_info.rank)
+        state.ema.model.to(device)
     fingerprints = {"code": train_state.code_fingerprint(), "data": train_state.data_fingerprint(images, captions),
                     "text_encoder": text_encoder.fingerprint}
-    capture = partial(train_state.capture, state, vae, config.model_dump(mode="json"), fingerprints)
-    return Stage2(vae, text_encoder, data, state, noise_scheduler, capture, vae_report)
+    capture = partial(capture_all_ranks, state, vae, config.model_dump(mode="json"), fingerprints, dist_info)
+    return Stage2(vae, text_encoder, data, state, noise_scheduler, capture, vae_report, held_out, scaling_factor)
+
+
+def capture_all_ranks(state, vae, config_dump: dict, fingerprints: dict, dist_info, gather: bool = True):
+    """The checkpoint's (tensors, meta) on rank 0 (None elsewhere); gathers every rank's RNG."""
+    rng = train_state.local_rng()
+    gathered = distributed.gather_to_all(rng) if gather else [rng]
+    if not dist_info.is_main:
+        return None
+    return train_state.capture(state, vae, config_dump, fingerprints, gathered[1:])
 
 
 def cache_features(config: RunConfig, run_dir: Path, trust_pickle: bool = False) -> None:
@@ -166,21 +216,27 @@ def cache_features(config: RunConfig, run_dir: Path, trust_pickle: bool = False)
         raise ValueError(f"no VAE to encode with: {run_dir} has no checkpoint yet and vae.pretrained is not set. "
                          "Run `stablediff train` (stage 1 trains the VAE and then caches features itself), "
                          "or set vae.pretrained to a local diffusers VAE folder.")
-    images, held_out, captions, keys = load_training_images(config, run_dir)
+    loaded = load_training_images(config, run_dir)
     text_encoder = load_text_encoder(config.text_encoder.name, config.text_encoder.max_length, trust_pickle)
-    vae, _ = vae_stage(config, images, held_out, resume, MetricsLog(run_dir / "metrics.jsonl"), trust_pickle)
-    encode_features(config, run_dir, vae, images, captions, keys, text_encoder)
+    vae, _ = vae_stage(config, loaded.images, loaded.held_out, resume, MetricsLog(run_dir / "metrics.jsonl"),
+                       trust_pickle)
+    encode_features(config, run_dir, vae, loaded, text_encoder)
 
 
 def export_and_sample(config: RunConfig, run_dir: Path, stage: Stage2) -> RunResult:
     """The EMA weights as a diffusers pipeline folder, and the final sample grid."""
-    from stablediff.inference.pipeline import assemble_pipeline  # heavy; not needed to resume training
+    from stablediff.training.periodic import write_samples
 
-    pipe = assemble_pipeline(stage.vae, stage.text_encoder.model, stage.text_encoder.tokenizer,
-                             stage.state.ema.model, dict(stage.noise_scheduler.config))
-    export_dir = run_dir / "export" / "diffusers"
-    pipe.save_pretrained(export_dir, safe_serialization=True)
-    write_sample_grid(pipe, config, run_dir / "samples" / "final.png")
+    if stage.vae is None:  # no StableDiffusionPipeline without a VAE: the UNet and scheduler alone
+        export_dir = run_dir / "export" / "pixel"
+        stage.state.ema.model.save_pretrained(export_dir / "unet", safe_serialization=True)
+        stage.noise_scheduler.save_pretrained(export_dir / "scheduler")
+        pipe = None
+    else:
+        pipe = stage.pipeline()
+        export_dir = run_dir / "export" / "diffusers"
+        pipe.save_pretrained(export_dir, safe_serialization=True)
+    write_samples(stage, config, run_dir / "samples" / "final.png")
     return RunResult(run_dir, export_dir, stage.vae_report, stage.state.last_loss, pipe)
 
 

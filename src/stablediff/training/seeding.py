@@ -13,7 +13,7 @@ import random
 import numpy as np
 import torch
 
-STREAMS = {"noise": 1, "timesteps": 2, "dropout": 3, "posterior": 4, "vae": 5, "init": 6, "sample": 7, "flip": 8}
+STREAMS = {"noise": 1, "timesteps": 2, "dropout": 3, "posterior": 4, "vae": 5, "init": 6, "sample": 7, "flip": 8, "offset": 9}
 
 
 def step_generator(seed: int, step: int, rank: int, stream: str) -> torch.Generator:

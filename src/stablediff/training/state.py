@@ -27,22 +27,26 @@ import stablediff
 UNET_STAGE = "unet"
 
 
-def capture(state, vae: torch.nn.Module, config_dump: dict, fingerprints: dict) -> tuple[dict, dict]:
-    """(tensors, meta) of a UNetTrainState at a step boundary; tensors are views, not copies."""
+def capture(state, vae: torch.nn.Module | None, config_dump: dict, fingerprints: dict,
+            other_ranks_rng: list[tuple[dict, dict]] = ()) -> tuple[dict, dict]:
+    """(tensors, meta) of a UNetTrainState at a step boundary; tensors are views, not copies.
+
+    `other_ranks_rng`: (tensors, meta) of `local_rng()` from ranks 1..N-1 under torchrun.
+    """
     tensors: dict[str, torch.Tensor] = {}
-    tensors.update(_prefixed("vae", vae.state_dict()))
+    if vae is not None:  # pixel-space models have none
+        tensors.update(_prefixed("vae", vae.state_dict()))
     tensors.update(_prefixed("unet", state.unet.state_dict()))
     tensors.update(_prefixed("ema", state.ema.state_dict()))
     optim = state.optimizer.state_dict()
     for index, per_param in optim["state"].items():
         for key, value in per_param.items():
             tensors[f"optim/{index}/{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
-    tensors["rng/torch"] = torch.get_rng_state()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for device, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng/cuda/{device}"] = cuda_state
-    np_state = np.random.get_state()
-    tensors["rng/numpy"] = torch.from_numpy(np_state[1].astype(np.int64))
+    rng_tensors, rng_meta = local_rng()
+    tensors.update(_prefixed("rng", rng_tensors))
+    for rank, (ranked_tensors, ranked_meta) in enumerate(other_ranks_rng, start=1):
+        tensors.update(_prefixed(f"rng_rank/{rank}", ranked_tensors))
+        rng_meta.setdefault("ranks", {})[str(rank)] = ranked_meta
     meta = {
         "stage": UNET_STAGE,
         "step": state.step,
@@ -50,7 +54,11 @@ def capture(state, vae: torch.nn.Module, config_dump: dict, fingerprints: dict) 
         "sampler": state.sampler.state_dict(),
         "optimizer_param_groups": optim["param_groups"],
         "lr_scheduler": _plain(state.lr_scheduler.state_dict()),
-        "rng": {"python": _plain(random.getstate()), "numpy": [np_state[0], *map(_plain, np_state[2:])]},
+        "rng": rng_meta,
+        "grad_scaler": _plain(state.precision.state_dict()),
+        "guard": state.guard.state_dict() if state.guard is not None else None,
+        "lr_scale": state.lr_scale,
+        "rollbacks": state.rollbacks,
         "config": config_dump,
         "fingerprints": fingerprints,
         **state.extra,
@@ -58,8 +66,34 @@ def capture(state, vae: torch.nn.Module, config_dump: dict, fingerprints: dict) 
     return tensors, meta
 
 
-def restore(state, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    """Put a checkpoint back into a freshly built UNetTrainState (same config)."""
+def local_rng() -> tuple[dict[str, torch.Tensor], dict]:
+    """This process's global generators: torch (and CUDA) and numpy as tensors, python's as JSON."""
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for device, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda/{device}"] = cuda_state
+    np_state = np.random.get_state()
+    tensors["numpy"] = torch.from_numpy(np_state[1].astype(np.int64))
+    return tensors, {"python": _plain(random.getstate()), "numpy": [np_state[0], *map(_plain, np_state[2:])]}
+
+
+def restore_local_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("cuda/")]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
+    np.random.set_state((meta["numpy"][0], tensors["numpy"].numpy().astype(np.uint32), *meta["numpy"][1:]))
+    random.setstate(_tuples(meta["python"]))
+
+
+def restore(state, tensors: dict[str, torch.Tensor], meta: dict, rank: int = 0,
+            keep_rollback_state: bool = False) -> None:
+    """Put a checkpoint back into a freshly built UNetTrainState (same config).
+
+    Rank r restores its own global RNG when the checkpoint has it (saved with >= r+1
+    ranks); a rank the checkpoint did not have keeps its fresh seeding. A divergence
+    rollback keeps the lowered LR and the rollback count (`keep_rollback_state`).
+    """
     state.unet.load_state_dict(_unprefixed("unet", tensors))
     state.ema.load_state_dict(_unprefixed("ema", tensors))
     optim_state: dict[int, dict[str, Any]] = {}
@@ -71,13 +105,19 @@ def restore(state, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     state.lr_scheduler.load_state_dict(meta["lr_scheduler"])
     state.sampler.load_state_dict(meta["sampler"])
     state.step, state.images_seen = int(meta["step"]), int(meta["images_seen"])
-    torch.set_rng_state(tensors["rng/torch"])
-    cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng/cuda/")]
-    if cuda_states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda_states[: torch.cuda.device_count()])
-    np_meta = meta["rng"]["numpy"]
-    np.random.set_state((np_meta[0], tensors["rng/numpy"].numpy().astype(np.uint32), *np_meta[1:]))
-    random.setstate(_tuples(meta["rng"]["python"]))
+    state.precision.load_state_dict(meta.get("grad_scaler") or {})
+    if state.guard is not None and meta.get("guard") and not keep_rollback_state:  # a rollback keeps the live guard
+        state.guard.load_state_dict(meta["guard"])
+    saved_scale = float(meta.get("lr_scale", 1.0))  # already applied in the saved schedule and optimizer
+    if keep_rollback_state:
+        current, state.lr_scale = state.lr_scale, saved_scale
+        state.scale_lr(current / saved_scale)
+    else:
+        state.lr_scale, state.rollbacks = saved_scale, int(meta.get("rollbacks", 0))
+    if rank == 0:
+        restore_local_rng(_unprefixed("rng", tensors), meta["rng"])
+    elif str(rank) in meta["rng"].get("ranks", {}):
+        restore_local_rng(_unprefixed(f"rng_rank/{rank}", tensors), meta["rng"]["ranks"][str(rank)])
 
 
 def vae_weights(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

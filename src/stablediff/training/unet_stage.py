@@ -8,20 +8,26 @@ checkpoint hook look at the step. Everything a resumed run needs lives in
 
 from __future__ import annotations
 
+import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
-from stablediff.config.schema import DataConfig, TrainConfig
-from stablediff.data.sampler import ResumableSampler
+from stablediff.config.schema import DataConfig, GuardConfig, TrainConfig
+from stablediff.data.sampler import BucketBatchSampler, ResumableSampler, make_sampler
 from stablediff.training.ema import EMA
+from stablediff.training.batches import draw_batch
 from stablediff.training.features import EncodedDataset
 from stablediff.training.lr_schedule import lr_multiplier
 from stablediff.training.metrics import MetricsLog
-from stablediff.training.objectives import diffusion_loss
+from stablediff.training.distributed import mean_over_ranks
+from stablediff.training.guard import DivergenceGuard
+from stablediff.training.precision import Precision, make_optimizer, prepare_unet
+from stablediff.training.step import StepBatch, accumulate_gradients, draw_noise, grad_norm_and_clip
 from stablediff.training.progress import StepProgress
 from stablediff.training.seeding import step_generator
 
@@ -32,74 +38,140 @@ class UNetTrainState:
     ema: EMA
     optimizer: torch.optim.Optimizer
     lr_scheduler: torch.optim.lr_scheduler.LambdaLR
-    sampler: ResumableSampler
+    sampler: ResumableSampler | BucketBatchSampler
+    precision: Precision
+    guard: DivergenceGuard | None = None
+    model: torch.nn.Module | None = None  # what the loop calls: the UNet, or its DDP/compiled wrapper
     step: int = 0
     images_seen: int = 0
     last_loss: float = float("nan")
+    lr_scale: float = 1.0  # lowered by each divergence rollback; part of the checkpoint
+    rollbacks: int = 0
+    bad_steps: list[int] = field(default_factory=list)  # recent steps the guard rejected
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.model = self.model or self.unet
+
+    def scale_lr(self, factor: float) -> None:
+        """Multiply the LR for the rest of the run (the schedule's shape is kept)."""
+        self.lr_scale *= factor
+        self.lr_scheduler.base_lrs = [lr * factor for lr in self.lr_scheduler.base_lrs]
+        for group in self.optimizer.param_groups:
+            group["lr"] *= factor
+        self.lr_scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+
+@dataclass
+class LoopHooks:
+    """What the run around the loop does at step boundaries (checkpoints, validation, rollback)."""
+
+    after_step: Callable[[UNetTrainState], None] | None = None
+    rollback: Callable[[UNetTrainState, int], None] | None = None  # (state, first bad step)
 
 
 def make_train_state(unet: UNet2DConditionModel, cfg: TrainConfig, num_samples: int, seed: int,
-                     world_size: int = 1, rank: int = 0) -> UNetTrainState:
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+                     world_size: int = 1, rank: int = 0, device: torch.device | None = None,
+                     guard_cfg: GuardConfig | None = None, bucket_ids: list[int] | None = None) -> UNetTrainState:
+    device = device or torch.device("cpu")
+    prepare_unet(unet, device, cfg.gradient_checkpointing, cfg.channels_last)
+    optimizer = make_optimizer(unet.parameters(), cfg.learning_rate, cfg.weight_decay, device)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(step, cfg.warmup_steps, cfg.max_steps, cfg.lr_schedule))
-    sampler = ResumableSampler(num_samples, seed=seed, world_size=world_size, rank=rank)
-    return UNetTrainState(unet, EMA(unet, cfg.ema_decay), optimizer, lr_scheduler, sampler)
+    sampler = make_sampler(num_samples, seed, world_size, rank, bucket_ids)  # bucket_ids: one bucket per batch
+    ema = EMA(unet, cfg.ema_decay, half_life_images=cfg.ema_half_life_images, warmup=cfg.ema_warmup)
+    guard = None
+    if guard_cfg is not None and guard_cfg.enabled:
+        guard = DivergenceGuard(spike_factor=guard_cfg.spike_factor, window=guard_cfg.window,
+                                min_history=guard_cfg.min_history, max_events=guard_cfg.max_events,
+                                within_steps=guard_cfg.within_steps)
+    model = torch.compile(unet) if cfg.compile else unet
+    return UNetTrainState(unet, ema, optimizer, lr_scheduler, sampler, Precision.create(cfg.mixed_precision, device),
+                          guard, model)
 
 
-def draw_batch(data: EncodedDataset, indices: torch.Tensor, scaling_factor: float, caption_dropout: float,
-               seed: int, step: int, rank: int, flip_probability: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Latents (B, C, h, w), scaled, and text embeddings (B, L, D) for one step; pure in its inputs."""
-    g_post = step_generator(seed, step, rank, "posterior")
-    mean, std = data.latent_mean[indices], data.latent_std[indices]
-    if flip_probability > 0:  # mirrored images' posteriors were cached alongside
-        flipped = (torch.rand(len(indices), generator=step_generator(seed, step, rank, "flip"))
-                   < flip_probability).view(-1, 1, 1, 1)
-        mean = torch.where(flipped, data.flip_mean[indices], mean)
-        std = torch.where(flipped, data.flip_std[indices], std)
-    latents = (mean + std * torch.randn(mean.shape, generator=g_post)) * scaling_factor
-    g_drop = step_generator(seed, step, rank, "dropout")
-    choice = torch.rand(len(indices), generator=g_drop)
-    dropped = torch.rand(len(indices), generator=g_drop) < caption_dropout
-    rows = []
-    for i, sample in enumerate(indices.tolist()):
-        options = data.caption_ids[sample]
-        rows.append(0 if dropped[i] else options[int(choice[i] * len(options))])
-    return latents, data.embeddings[torch.tensor(rows)]
+def wrap_data_parallel(state: UNetTrainState) -> None:
+    """DDP around the model (a collective: every rank calls it, with identical weights)."""
+    device = state.precision.device
+    state.model = torch.nn.parallel.DistributedDataParallel(
+        state.model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def train_unet(state: UNetTrainState, data: EncodedDataset, noise_scheduler: DDPMScheduler, cfg: TrainConfig,
-               scaling_factor: float, data_cfg: DataConfig, seed: int, metrics: MetricsLog,
-               on_step_end: Callable[[UNetTrainState], None] | None = None, rank: int = 0) -> UNetTrainState:
-    state.unet.train()
-    num_timesteps = noise_scheduler.config.num_train_timesteps
-    with StepProgress("unet", cfg.max_steps, start=state.step, log_every=cfg.log_every) as progress:
+               scaling_factor: float, data_cfg: DataConfig, seed: int, metrics: MetricsLog | None,
+               hooks: LoopHooks | None = None, rank: int = 0, world_size: int = 1) -> UNetTrainState:
+    """Step until `cfg.max_steps`; every step is a pure function of the state and (seed, step, rank)."""
+    hooks = hooks or LoopHooks()
+    state.model.train()
+    step_size = cfg.batch_size * cfg.gradient_accumulation_steps
+    with StepProgress("unet", cfg.max_steps, start=state.step, log_every=cfg.log_every,
+                      enabled=rank == 0) as progress:
         while state.step < cfg.max_steps:
             t0 = time.perf_counter()
-            indices = torch.from_numpy(state.sampler.next_batch(cfg.batch_size))
+            indices = torch.from_numpy(state.sampler.next_batch(step_size))
             latents, text_embeddings = draw_batch(data, indices, scaling_factor, data_cfg.caption_dropout, seed,
                                                   state.step, rank, data_cfg.flip_probability)
-            noise = torch.randn(latents.shape, generator=step_generator(seed, state.step, rank, "noise"))
-            timesteps = torch.randint(0, num_timesteps, (len(indices),),
-                                      generator=step_generator(seed, state.step, rank, "timesteps"))
-            loss = diffusion_loss(state.unet, noise_scheduler, latents, text_embeddings, noise, timesteps,
-                                  cfg.prediction_type)
-            state.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(state.unet.parameters(), cfg.grad_clip or float("inf"))
-            state.optimizer.step()
-            state.lr_scheduler.step()
-            state.ema.update(state.unet, state.step)
+            noise, timesteps = draw_noise(latents, noise_scheduler.config.num_train_timesteps, cfg, seed,
+                                          state.step, rank)
+            batch = StepBatch(latents, text_embeddings, noise, timesteps).to(state.precision.device,
+                                                                             cfg.channels_last)
+            verdict = optimizer_step(state, noise_scheduler, batch, cfg, step_size * world_size)
             state.step += 1
-            state.images_seen += len(indices)
-            state.last_loss = loss.item()
-            progress.update(state.step, state.last_loss, len(indices))
-            if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
-                metrics.write(stage="unet", step=state.step, loss=state.last_loss, grad_norm=float(grad_norm),
+            state.images_seen += step_size * world_size
+            progress.update(state.step, state.last_loss, step_size * world_size)
+            if metrics is not None and (state.step % cfg.log_every == 0 or state.step == cfg.max_steps
+                                        or not verdict.ok):
+                metrics.write(stage="unet", step=state.step, loss=state.last_loss, grad_norm=verdict.grad_norm,
                               lr=state.optimizer.param_groups[0]["lr"], images_per_second=round(
-                                  len(indices) / (time.perf_counter() - t0), 1))
-            if on_step_end is not None:
-                on_step_end(state)
-    state.unet.eval()
+                                  step_size * world_size / (time.perf_counter() - t0), 1),
+                              **({} if verdict.ok else {"skipped": verdict.reason}))
+            if verdict.rollback:
+                if hooks.rollback is None:
+                    raise FloatingPointError(f"training diverged at step {state.step}: {verdict.reason}")
+                hooks.rollback(state, verdict.first_bad_step)
+                continue
+            if hooks.after_step is not None:
+                hooks.after_step(state)
+    state.model.eval()
     return state
+
+
+def optimizer_step(state: UNetTrainState, noise_scheduler: DDPMScheduler, batch: StepBatch,
+                   cfg: TrainConfig, global_batch: int) -> "StepVerdict":
+    """Gradients, the divergence check, and the update (or its skip). Sets state.last_loss."""
+    state.optimizer.zero_grad(set_to_none=True)
+    loss = accumulate_gradients(state.model, noise_scheduler, batch, cfg, state.precision)
+    state.precision.unscale(state.optimizer)
+    grad_norm = grad_norm_and_clip(state.unet.parameters(), cfg.grad_clip)
+    loss, = mean_over_ranks([loss])  # every rank judges the same numbers
+    state.last_loss = loss
+    overflow = state.precision.scaler is not None and not math.isfinite(grad_norm)
+    verdict = StepVerdict(grad_norm=grad_norm)
+    if state.guard is not None and not overflow:  # fp16 overflows are the grad scaler's business
+        judged = state.guard.check(loss, grad_norm)
+        verdict = StepVerdict(judged.ok, judged.reason, judged.action == "rollback", grad_norm=grad_norm)
+        if not judged.ok:  # remembered to find the rollback's target: the checkpoint before the first
+            state.bad_steps = [s for s in state.bad_steps if s > state.step - state.guard.within_steps]
+            state.bad_steps.append(state.step)
+            verdict.first_bad_step = state.bad_steps[0]
+        if verdict.rollback:
+            state.bad_steps = []
+    if verdict.ok:
+        state.precision.step(state.optimizer)
+        state.ema.update(state.unet, state.step, global_batch)
+        state.lr_scheduler.step()
+    else:
+        state.precision.skip(state.optimizer)
+        with warnings.catch_warnings():  # torch warns when the schedule moves without an optimizer step
+            warnings.simplefilter("ignore", UserWarning)
+            state.lr_scheduler.step()
+    return verdict
+
+
+@dataclass
+class StepVerdict:
+    ok: bool = True
+    reason: str = ""
+    rollback: bool = False
+    first_bad_step: int = 0
+    grad_norm: float = 0.0

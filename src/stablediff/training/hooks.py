@@ -1,0 +1,102 @@
+"""The run around the loop, at each step boundary: validation, samples, checkpoints, rollback.
+
+`train_unet` only calls `after_step(state)` and, when the divergence guard asks
+for it, `rollback(state, first_bad_step)`. This module decides what those do
+for a real run: the order is validate -> sample -> checkpoint, so a checkpoint
+taken at a validation step carries that step's `val_loss` (what keep_best ranks).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from stablediff.training import state as train_state
+from stablediff.training.periodic import make_validation_set, run_validation, write_samples
+from stablediff.training.unet_stage import LoopHooks, UNetTrainState
+
+
+class RunHooks(LoopHooks):
+    def __init__(self, config, run_dir: Path, stage, checkpointer, metrics, resume, timings: dict,
+                 dist_info, tensorboard=None) -> None:
+        super().__init__(after_step=self._after_step, rollback=self._rollback)
+        self.config, self.run_dir, self.stage, self.checkpointer = config, run_dir, stage, checkpointer
+        self.metrics, self.resume, self.timings, self.dist = metrics, resume, timings, dist_info
+        self.tensorboard = tensorboard
+        self.val_loss: float | None = None
+        self.validation_set = None
+        if config.train.validate_every and dist_info.is_main:
+            self.validation_set = make_validation_set(stage.vae, stage.held_out, stage.text_encoder,
+                                                      stage.scaling_factor)
+
+    def last_metrics(self, state: UNetTrainState) -> dict:
+        metrics = {"train_loss": state.last_loss}
+        if self.val_loss is not None:
+            metrics["val_loss"] = self.val_loss
+        return metrics
+
+    def _after_step(self, state: UNetTrainState) -> None:
+        if self.resume is not None and state.step == self.resume.step + 1 and self.metrics is not None:
+            # the recovery timeline, for bench/recovery.py
+            self.metrics.write(event="resumed", step=self.resume.step,
+                               **{f"t_{k}": v for k, v in self.timings.items()}, t_first_step=time.time())
+        validated = self._maybe_validate(state)
+        self._maybe_sample(state)
+        self.checkpointer.after_step(state.step, self.stage.capture, self.last_metrics(state), force=validated)
+
+    def _maybe_validate(self, state: UNetTrainState) -> bool:
+        every = self.config.train.validate_every
+        if not every or state.step % every:
+            return False
+        if self.validation_set is not None:  # rank 0; the weights are the same on every rank
+            result = run_validation(state.unet, self.stage.noise_scheduler, self.validation_set,
+                                    self.config.train.prediction_type, self.config.train.validation_timesteps)
+            self.val_loss = result["loss"]
+            self.metrics.write(stage="unet", step=state.step, val_loss=self.val_loss,
+                               val_loss_per_timestep={str(t): v for t, v in result["per_timestep"].items()})
+        return True
+
+    def _maybe_sample(self, state: UNetTrainState) -> None:
+        every = self.config.sample.every_steps
+        if not every or state.step % every or not self.dist.is_main:
+            return
+        path = write_samples(self.stage, self.config, self.run_dir / "samples" / f"step-{state.step:07d}.png")
+        if self.tensorboard is not None:
+            from PIL import Image
+
+            with Image.open(path) as grid:
+                self.tensorboard.image("samples", grid, state.step)
+
+    def _rollback(self, state: UNetTrainState, first_bad_step: int) -> None:
+        guard_cfg = self.config.guard
+        if state.rollbacks >= guard_cfg.max_rollbacks:
+            raise FloatingPointError(
+                f"training diverged again at step {state.step} after {state.rollbacks} rollbacks "
+                f"(LR now x{state.lr_scale:g}). Lower train.learning_rate, raise train.warmup_steps or "
+                "set train.grad_clip; the checkpoints before the divergence are intact.")
+        loaded = self.checkpointer.load_before(first_bad_step)
+        train_state.restore(state, loaded.tensors, loaded.meta, rank=self.dist.rank, keep_rollback_state=True)
+        state.rollbacks += 1
+        state.scale_lr(guard_cfg.lr_factor)
+        self.checkpointer.mark_saved(state.step)
+        message = (f"divergence: {guard_cfg.max_events} bad steps since step {first_bad_step}; rolled back to "
+                   f"step {loaded.step} and lowered the LR to x{state.lr_scale:g} (rollback {state.rollbacks})")
+        if self.dist.is_main:
+            print(message, file=sys.stderr, flush=True)
+            self.metrics.write(event="rollback", step=loaded.step, lr_scale=state.lr_scale, reason=message)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def make_hooks(config, run_dir: Path, stage, checkpointer, metrics, resume, timings: dict, dist_info) -> RunHooks:
+    tensorboard = None
+    if config.train.tensorboard and dist_info.is_main:
+        from stablediff.training.tensorboard import TensorBoardLog
+
+        tensorboard = TensorBoardLog(run_dir / "tb")
+        metrics.mirror = lambda record: tensorboard.scalars(record["step"], record, prefix=record.get(
+            "stage", "")) if "step" in record and "event" not in record else None
+    return RunHooks(config, run_dir, stage, checkpointer, metrics, resume, timings, dist_info, tensorboard)
