@@ -15,7 +15,8 @@ import blake3
 import torch
 from diffusers import AutoencoderKL
 
-from stablediff.data.features import FeatureCache, encode_all
+from stablediff.data.encoding import encode_all
+from stablediff.data.features import FeatureCache
 
 TRANSFORM_ID = "test-16x16"
 SHARD_SIZE = 8

@@ -266,3 +266,26 @@ def build_corpus(root: Path, fmt: str) -> str:
     if fmt == "parquet":
         return str(root / "data.parquet")
     return str(root)
+
+
+# (width, height) of the mixed-aspect corpus: square, landscape, portrait and extreme shapes.
+MIXED_SIZES = ((40, 40), (64, 36), (36, 64), (80, 20), (20, 80), (48, 32), (32, 48), (60, 30), (30, 60),
+               (44, 40), (100, 25), (50, 50))
+
+
+def mixed_aspect_items(copies: int = 2) -> list[Item]:
+    """Good noisy PNGs in `MIXED_SIZES`, `copies` of each shape (different pixels), captioned."""
+    items = []
+    for copy in range(copies):
+        for index, (width, height) in enumerate(MIXED_SIZES):
+            rng = np.random.default_rng([copy, index])
+            pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+            key = f"shape{index:02d}_{copy}_{width}x{height}"
+            items.append(Item(key, "png", encode(Image.fromarray(pixels), "PNG"), f"a {width} by {height} picture".encode()))
+    return items
+
+
+def build_mixed_aspect_folder(root: Path, copies: int = 2) -> str:
+    root.mkdir(parents=True, exist_ok=True)
+    write_folder(root, mixed_aspect_items(copies))
+    return str(root)

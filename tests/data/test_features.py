@@ -19,10 +19,10 @@ from stablediff.data.features import (
     FeatureCacheError,
     FeatureCacheWarning,
     caption_key,
-    encode_all,
     shard_name,
     vae_fingerprint,
 )
+from stablediff.data.encoding import encode_all
 from stablediff.models.text_encoder import load_text_encoder
 
 from ._cache_writer_proc import SHARD_SIZE, TRANSFORM_ID, fill, sample_images, tiny_vae

@@ -1,9 +1,12 @@
-"""The sampler: a pure function of (seed, epoch, world size, rank), resumable at any position."""
+"""The samplers: pure functions of (seed, epoch, world size, rank), resumable at any position.
+
+`BucketBatchSampler` adds: every batch holds one aspect-ratio bucket.
+"""
 
 import numpy as np
 import pytest
 
-from stablediff.data.sampler import ResumableSampler
+from stablediff.data.sampler import BucketBatchSampler, ResumableSampler, make_sampler
 
 
 def draw(sampler, batches, batch_size):
@@ -65,3 +68,90 @@ def test_resuming_with_other_data_is_refused():
     sampler = ResumableSampler(10, seed=0)
     with pytest.raises(ValueError, match="same data and seed"):
         sampler.load_state_dict(ResumableSampler(11, seed=0).state_dict())
+
+
+# 45 samples in three buckets of uneven sizes: each bucket ends in a short batch.
+BUCKET_IDS = [0] * 20 + [1] * 14 + [2] * 11
+
+
+def bucketed(world_size=1, rank=0, seed=4):
+    return BucketBatchSampler(BUCKET_IDS, seed=seed, world_size=world_size, rank=rank)
+
+
+def test_every_bucketed_batch_holds_one_bucket():
+    batches = draw(bucketed(), 40, 4)
+    assert all(len({BUCKET_IDS[i] for i in batch}) == 1 for batch in batches)
+    assert all(1 <= len(batch) <= 4 for batch in batches)
+
+
+def test_a_bucketed_epoch_visits_every_sample_once():
+    sampler = bucketed()
+    seen = []
+    while sampler.epoch == 0:
+        seen += sampler.next_batch(4).tolist()
+    assert sorted(seen[: len(BUCKET_IDS)]) == list(range(len(BUCKET_IDS)))
+
+
+def test_bucketed_order_depends_on_seed_and_epoch():
+    assert draw(bucketed(seed=1), 14, 4) == draw(bucketed(seed=1), 14, 4)
+    assert draw(bucketed(seed=1), 14, 4) != draw(bucketed(seed=2), 14, 4)
+    first, second = draw(bucketed(seed=1), 12, 4), draw(bucketed(seed=1), 24, 4)[12:]  # 5 + 4 + 3 batches an epoch
+    assert sorted(map(sorted, first)) != sorted(map(sorted, second))
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("stop_at", [1, 4, 9])
+def test_bucketed_resume_mid_epoch_continues_the_same_sequence(world_size, stop_at):
+    def run(resume_at):
+        out = []
+        for rank in range(world_size):
+            sampler = bucketed(world_size, rank)
+            seq = draw(sampler, resume_at, 4)
+            if resume_at:
+                state = sampler.state_dict()
+                sampler = bucketed(world_size, rank)
+                sampler.load_state_dict(state)
+            seq += draw(sampler, 20 - resume_at, 4)
+            out.append(seq)
+        return out
+
+    assert run(stop_at) == run(0)
+
+
+def test_bucketed_ranks_read_different_batches():
+    r0, r1 = draw(bucketed(2, 0), 6, 4), draw(bucketed(2, 1), 6, 4)
+    assert not {i for b in r0 for i in b} & {i for b in r1 for i in b}
+
+
+def test_bucketed_state_from_two_ranks_resumes_on_one_covering_each_sample_once():
+    ranks = [bucketed(2, rank) for rank in range(2)]
+    consumed = [i for sampler in ranks for batch in draw(sampler, 3, 4) for i in batch]  # 3 global steps
+    single = bucketed(1, 0)
+    single.load_state_dict(ranks[1].state_dict())
+    rest = []
+    while single.epoch == 0:
+        rest += single.next_batch(4).tolist()
+    rest = rest[: len(BUCKET_IDS) - len(consumed)]  # the last draw started epoch 1
+    assert sorted(consumed + rest) == list(range(len(BUCKET_IDS)))
+
+
+def test_bucketed_resume_refuses_another_batch_size_or_bucketing():
+    sampler = bucketed()
+    sampler.next_batch(4)
+    state = sampler.state_dict()
+    resumed = bucketed()
+    resumed.load_state_dict(state)
+    with pytest.raises(ValueError, match="train.batch_size"):
+        resumed.next_batch(8)
+    other = BucketBatchSampler([0] * 45, seed=4)
+    with pytest.raises(ValueError, match="data.buckets"):
+        other.load_state_dict(state)
+    with pytest.raises(ValueError, match="data.buckets"):
+        ResumableSampler(45, seed=4).load_state_dict(state)
+    with pytest.raises(ValueError, match="data.buckets"):
+        bucketed().load_state_dict(ResumableSampler(45, seed=4).state_dict())
+
+
+def test_make_sampler_buckets_only_when_given_bucket_ids():
+    assert isinstance(make_sampler(45, 0), ResumableSampler)
+    assert isinstance(make_sampler(45, 0, bucket_ids=BUCKET_IDS), BucketBatchSampler)

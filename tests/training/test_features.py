@@ -1,17 +1,23 @@
-"""Training features through the on-disk cache equal encoding in memory; flip stays available."""
+"""Training features through the on-disk cache equal encoding in memory; flip, buckets and random crops too."""
 
 import pytest
 import torch
 
 from stablediff.config import load_config
 from stablediff.data.digits import load_digits
+from stablediff.data.buckets import resolve_buckets
 from stablediff.data.features import FeatureCache
+from stablediff.data.framing import Framing
+from stablediff.data.loading import FramedImages, load_captioned_images
+from stablediff.data.sampler import BucketBatchSampler
 from stablediff.data.validate import content_hash
 from stablediff.models.build import build_vae
 from stablediff.models.text_encoder import load_text_encoder
-from stablediff.training.features import encode_dataset, encode_dataset_cached
-from stablediff.training.unet_stage import draw_batch
+from stablediff.training.batches import draw_batch
+from stablediff.training.features import bucket_step, encode_dataset, encode_dataset_cached
 from stablediff.training.vae_stage import images_to_tensor
+
+from tests.data.corpus import build_mixed_aspect_folder
 
 
 @pytest.fixture(scope="module")
@@ -22,14 +28,14 @@ def parts():
     train, _ = load_digits(16)
     images = images_to_tensor(train.images[:24])
     captions = [train.captions_for(i) for i in range(24)]
-    keys = [content_hash(image.tobytes()) for image in train.images[:24]]
-    return vae, images, captions, keys, load_text_encoder("minilm", max_length=8)
+    framed = FramedImages.square(images, [content_hash(image.tobytes()) for image in train.images[:24]])
+    return vae, framed, captions, load_text_encoder("minilm", max_length=8)
 
 
 def test_cached_features_equal_in_memory_encoding(parts, tmp_path):
-    vae, images, captions, keys, text_encoder = parts
-    direct = encode_dataset(vae, images, captions, text_encoder, batch_size=256)
-    cached, counts = encode_dataset_cached(vae, images, captions, text_encoder, keys, FeatureCache(tmp_path), "t")
+    vae, framed, captions, text_encoder = parts
+    direct = encode_dataset(vae, framed, captions, text_encoder, batch_size=256)
+    cached, counts = encode_dataset_cached(vae, framed, captions, text_encoder, FeatureCache(tmp_path))
     assert counts.latents_encoded == 24
     # Equal up to float rounding: the cache encodes in its own fixed batches.
     assert torch.allclose(direct.latent_mean, cached.latent_mean, atol=1e-6)
@@ -42,18 +48,58 @@ def test_cached_features_equal_in_memory_encoding(parts, tmp_path):
 
 
 def test_a_second_run_encodes_nothing(parts, tmp_path):
-    vae, images, captions, keys, text_encoder = parts
-    encode_dataset_cached(vae, images, captions, text_encoder, keys, FeatureCache(tmp_path), "t")
-    _, counts = encode_dataset_cached(vae, images, captions, text_encoder, keys, FeatureCache(tmp_path), "t")
+    vae, framed, captions, text_encoder = parts
+    encode_dataset_cached(vae, framed, captions, text_encoder, FeatureCache(tmp_path))
+    _, counts = encode_dataset_cached(vae, framed, captions, text_encoder, FeatureCache(tmp_path))
     assert counts.latents_encoded == 0 and counts.text_encoded == 0
 
 
 def test_flip_draws_mirrored_latents_from_the_cache(parts, tmp_path):
-    vae, images, captions, keys, text_encoder = parts
-    data, _ = encode_dataset_cached(vae, images, captions, text_encoder, keys, FeatureCache(tmp_path), "t", flip=True)
+    vae, framed, captions, text_encoder = parts
+    data, _ = encode_dataset_cached(vae, framed, captions, text_encoder, FeatureCache(tmp_path), flip=True)
     with torch.no_grad():
-        mirrored = vae.encode(images[:4].flip(-1)).latent_dist.mean
+        mirrored = vae.encode(framed.stack(0, 0)[1][:4].flip(-1)).latent_dist.mean
     assert torch.allclose(data.flip_mean[:4], mirrored, atol=1e-5)
     always, _ = draw_batch(data, torch.arange(4), 1.0, 0.0, 0, 0, 0, flip_probability=1.0)
     never, _ = draw_batch(data, torch.arange(4), 1.0, 0.0, 0, 0, 0, flip_probability=0.0)
     assert not torch.allclose(always, never)
+
+
+@pytest.fixture(scope="module")
+def bucketed(tmp_path_factory):
+    """A mixed-aspect folder loaded into buckets with two random crops per image."""
+    root = tmp_path_factory.mktemp("mixed")
+    config = load_config("tiny")
+    framing = Framing(tuple(resolve_buckets("auto", 32, bucket_step(config.vae))), crop="random", variants=2, seed=1)
+    data = load_captioned_images(build_mixed_aspect_folder(root / "data"), 32, root / "run", 0.0, framing=framing)
+    return data.framed, data.captions
+
+
+def test_bucketed_cached_training_matches_encoding_on_the_fly(parts, bucketed, tmp_path):
+    vae, _, _, text_encoder = parts
+    framed, captions = bucketed
+    direct = encode_dataset(vae, framed, captions, text_encoder, flip=True, bucketed=True)
+    cached, counts = encode_dataset_cached(vae, framed, captions, text_encoder, FeatureCache(tmp_path), flip=True,
+                                           bucketed=True)
+    assert counts.latents_encoded == 2 * len(framed)  # every crop variant of every image, once
+    assert len(cached.buckets) == len(set(framed.bucket_ids)) > 1
+    for a, b in zip(direct.buckets, cached.buckets, strict=True):
+        width, height = a.size
+        assert a.mean.shape[0] == 2 and a.mean.shape[-2:] == (height // 2, width // 2)  # the tiny VAE halves
+        assert torch.allclose(a.mean, b.mean, atol=1e-5) and torch.allclose(a.flip_std, b.flip_std, atol=1e-5)
+    sampler = BucketBatchSampler(cached.sampler_buckets, seed=0)
+    for step in range(6):
+        indices = torch.from_numpy(sampler.next_batch(4))
+        for x, y in zip(draw_batch(direct, indices, 0.5, 0.1, 0, step, 0, 0.5),
+                        draw_batch(cached, indices, 0.5, 0.1, 0, step, 0, 0.5)):
+            assert torch.allclose(x, y, atol=1e-5)
+
+
+def test_each_bucket_and_crop_variant_is_cached_once(parts, bucketed, tmp_path):
+    vae, _, _, text_encoder = parts
+    framed, captions = bucketed
+    encode_dataset_cached(vae, framed, captions, text_encoder, FeatureCache(tmp_path))
+    _, counts = encode_dataset_cached(vae, framed, captions, text_encoder, FeatureCache(tmp_path))
+    assert counts.latents_encoded == 0 and counts.latents_reused == 2 * len(framed)
+    namespaces = list((tmp_path / "latents").glob("*/transform-*"))
+    assert len(namespaces) == 2 * len(set(framed.bucket_ids))  # (bucket, variant) pairs

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from stablediff.cli.errors import UserError
 from stablediff.cli.options import config_options, resolve_run, trust_pickle_option
 
 
@@ -17,12 +18,15 @@ def train(config_name: str, run_dir, overrides, fresh: bool, trust_pickle: bool)
     config, run_dir = resolve_run(config_name, run_dir, overrides)
     from stablediff.training.checkpointing import TrainingInterrupted
     from stablediff.training.run import run_training
+    from stablediff.training.unet_stage import TrainingDiverged
 
     try:
         result = run_training(config, run_dir, fresh=fresh, trust_pickle=trust_pickle)
     except TrainingInterrupted as stop:
         click.echo(str(stop), err=True)
         return
+    except TrainingDiverged as exc:
+        raise UserError(str(exc)) from None
     if result is None:  # a torchrun rank other than 0: rank 0 reports
         return
     click.echo(f"done: final loss {result.final_loss:.4f}; model in {result.export_dir}; "

@@ -81,3 +81,28 @@ def bucket_batches(bucket_ids: Sequence[int], batch_size: int, seed: int, epoch:
             if len(batch) == batch_size or not drop_last:
                 batches.append(batch)
     return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def resolve_buckets(spec: str | Sequence[Sequence[int]] | None, resolution: int, step: int) -> list[Bucket] | None:
+    """`data.buckets` as a bucket list: None (off), "auto", or explicit [width, height] pairs.
+
+    `step` is the side granularity, 8 x the VAE's downscale (64 for Stable Diffusion):
+    it keeps every latent side a multiple of 8, which the UNet's downsamplings need.
+    "auto" is the kohya list for `resolution`: sides from resolution/2 to 2 x resolution,
+    area at most resolution².
+    """
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        if spec != "auto":
+            raise ValueError(f"data.buckets: {spec!r} is neither 'auto' nor a list of [width, height] pairs")
+        low = max(step, resolution // 2 // step * step)
+        high = max(low, 2 * resolution // step * step)
+        return make_buckets((resolution, resolution), min_side=low, max_side=high, step=step)
+    buckets = sorted({(int(w), int(h)) for w, h in spec}, key=lambda b: (b[0] / b[1], b[0]))
+    bad = [f"{w}x{h}" for w, h in buckets if w % step or h % step or w <= 0 or h <= 0]
+    if bad or not buckets:
+        raise ValueError(f"data.buckets: every side must be a positive multiple of {step} (8 x the VAE's "
+                         f"downscale, so latents fit the UNet); {', '.join(bad) or 'an empty list'} "
+                         f"is not. Round them, or use data.buckets: auto")
+    return buckets

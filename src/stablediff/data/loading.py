@@ -1,51 +1,162 @@
-"""Turn any data source into training tensors: validate, quarantine, transform, split.
+"""Turn any data source into training tensors: validate, quarantine, frame (bucket and crop), split.
 
 Every sample is judged; rejects go to RUN_DIR/quarantine.jsonl with their
 reason and the run goes on, unless rejects exceed `data.max_reject_fraction`.
 One sample in twenty (chosen by content hash, so stable across runs) is held
-out for evaluation.
+out for evaluation. Decoding runs in `data.num_workers` processes
+(`ingest.py`); the result does not depend on how many.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from stablediff.config.schema import DataConfig
+from stablediff.data.buckets import resolve_buckets
+from stablediff.data.captions import shuffled_variants
+from stablediff.data.digits import load_digits
+from stablediff.data.framing import Framing
+from stablediff.data.ingest import IngestTask, default_num_workers, ingest
 from stablediff.data.sources import open_source
-from stablediff.data.transforms import ImageTransform
-from stablediff.data.validate import Quarantine, Validator, check_reject_fraction, filter_valid
+from stablediff.data.transforms import pixels_to_tensor
+from stablediff.data.validate import (
+    DEFAULT_VALIDATION,
+    Quarantine,
+    Validator,
+    check_reject_fraction,
+    content_hash,
+)
 
 HELD_OUT_EVERY = 20
 
 
 @dataclass
+class FramedImages:
+    """The training images as the VAE will see them: per sample, its bucket and crop variants."""
+
+    framing: Framing
+    keys: list[str]  # per sample, the BLAKE3 of its file's bytes (the feature cache's key)
+    bucket_ids: list[int]  # per sample, an index into framing.sizes
+    # Per sample, per crop variant: (3, h, w), h x w its bucket's; float in [-1, 1], or uint8 (a quarter
+    # of the memory, which matters with several crops per image), converted when stacked.
+    crops: list[list[torch.Tensor]]
+
+    @classmethod
+    def square(cls, images: torch.Tensor, keys: list[str]) -> FramedImages:
+        """Bucketing and random crop off: each (N, 3, R, R) image is its only crop."""
+        return cls(Framing.square(images.shape[-1]), list(keys), [0] * len(images), [[image] for image in images])
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def members(self, bucket: int) -> list[int]:
+        """The samples in a bucket, in sample order."""
+        return [i for i, b in enumerate(self.bucket_ids) if b == bucket]
+
+    def stack(self, bucket: int, variant: int) -> tuple[list[int], torch.Tensor]:
+        """(sample indices, their crops (n, 3, h, w) in [-1, 1]) for one bucket and crop variant."""
+        members = self.members(bucket)
+        crops = torch.stack([self.crops[i][variant] for i in members])
+        return members, crops.float().div(127.5).sub(1.0) if crops.dtype == torch.uint8 else crops
+
+
+@dataclass
 class CaptionedImages:
-    images: torch.Tensor  # (N, 3, R, R) in [-1, 1]
+    images: torch.Tensor  # (N, 3, R, R) centre crops in [-1, 1]: the VAE stage trains on these
     captions: list[list[str]]  # per sample, its caption variants
     held_out: torch.Tensor  # (M, 3, R, R)
-    keys: list[str]  # per sample, the BLAKE3 of its file's bytes (the feature cache's key)
+    framed: FramedImages  # the same samples, bucketed and cropped for the latents
+
+    @property
+    def keys(self) -> list[str]:
+        return self.framed.keys
 
 
 def load_captioned_images(spec: str, resolution: int, run_dir: Path, max_reject_fraction: float,
-                          caption_policy: str = "error", limit: int | None = None) -> CaptionedImages:
-    transform = ImageTransform(size=(resolution, resolution))
-    validator = Validator()
-    train, captions, held, keys = [], [], [], []
-    with Quarantine(run_dir) as quarantine:
-        for sample, verdict in filter_valid(open_source(spec, caption_policy), validator, quarantine):
-            tensor, _ = transform(validator.last_image)  # decoded once, by the validator
-            if int(verdict.content_hash[:8], 16) % HELD_OUT_EVERY == 0:
-                held.append(tensor)
+                          caption_policy: str = "error", limit: int | None = None, framing: Framing | None = None,
+                          num_workers: int = 0) -> CaptionedImages:
+    """Every sample of `spec` judged (rejects to RUN_DIR/quarantine.jsonl), framed and split.
+
+    `framing` buckets and crops the images for the latents (default: the `resolution`
+    square, centre crop); `num_workers` decode in that many processes (same result).
+    """
+    framing = framing or Framing.square(resolution)
+    task = IngestTask(DEFAULT_VALIDATION, framing, resolution)
+    validator = Validator(task.validation)
+    squares, captions, held, keys, buckets, crops = [], [], [], [], [], []
+    judged = ingest(open_source(spec, caption_policy), validator, task, num_workers)
+    with Quarantine(run_dir) as quarantine, closing(judged):  # closing: a `limit` stops the workers at once
+        for sample, verdict, framed in judged:
+            if framed is None:
+                quarantine.add(sample, verdict)
                 continue
-            train.append(tensor)
+            if int(verdict.content_hash[:8], 16) % HELD_OUT_EVERY == 0:
+                held.append(framed.square)
+                continue
+            squares.append(framed.square)
             captions.append([sample.caption or ""])
             keys.append(verdict.content_hash)
-            if limit and len(train) >= limit:
+            buckets.append(framed.bucket)
+            crops.append(framed.crops)
+            if limit and len(squares) >= limit:
                 break
     check_reject_fraction(dict(validator.rejects), validator.total, max_reject_fraction, quarantine.path)
-    if not train:
+    if not squares:
         raise ValueError(f"data.source {spec!r}: no usable training samples")
-    held_out = torch.stack(held) if held else torch.stack(train[:1])
-    return CaptionedImages(torch.stack(train), captions, held_out, keys)
+    images = pixels_to_tensor(np.stack(squares))
+    held_out = pixels_to_tensor(np.stack(held)) if held else images[:1]
+    return CaptionedImages(images, captions, held_out, _framed(images, framing, resolution, keys, buckets, crops))
+
+
+def _framed(images: torch.Tensor, framing: Framing, resolution: int, keys: list[str], buckets: list[int],
+            crops: list[list[np.ndarray]]) -> FramedImages:
+    if framing.is_square_center(resolution):  # the crops are the images: share their memory
+        return FramedImages(framing, keys, buckets, [[image] for image in images])
+    return FramedImages(framing, keys, buckets, [[torch.from_numpy(c).permute(2, 0, 1) for c in variants]
+                                                 for variants in crops])
+
+
+def framing_for(cfg: DataConfig, seed: int, bucket_step: int) -> Framing:
+    """The `Framing` a data config asks for; `bucket_step` is 8 x the VAE's downscale."""
+    sizes = resolve_buckets(cfg.buckets, cfg.resolution, bucket_step) or [(cfg.resolution, cfg.resolution)]
+    return Framing(tuple(sizes), cfg.crop, cfg.crop_variants, seed)
+
+
+def load_training_data(cfg: DataConfig, seed: int, run_dir: Path, bucket_step: int,
+                       log: Callable[[str], None] = print) -> CaptionedImages:
+    """The digits' fixed split, or any source through validation; captions tag-shuffled if asked."""
+    framing = framing_for(cfg, seed, bucket_step)
+    if cfg.source == "builtin:digits":
+        return _digits(cfg, framing)
+    workers = default_num_workers() if cfg.num_workers is None else cfg.num_workers
+    data = load_captioned_images(cfg.source, cfg.resolution, run_dir, cfg.max_reject_fraction, cfg.caption_policy,
+                                 cfg.limit, framing, workers)
+    log(f"data: {len(data.captions)} training and {len(data.held_out)} held-out samples from {cfg.source}"
+        + (f" in {len(set(data.framed.bucket_ids))} buckets" if cfg.buckets else ""))
+    if cfg.caption_shuffle_variants > 1:
+        data.captions = [shuffled_variants(c[0], cfg.caption_shuffle_variants, seed, i, cfg.keep_tokens)
+                         for i, c in enumerate(data.captions)]
+    return data
+
+
+def _digits(cfg: DataConfig, framing: Framing) -> CaptionedImages:
+    train, held = load_digits(cfg.resolution)
+    n = cfg.limit or len(train)
+    pixels = train.images[:n]  # (n, R, R, 3) uint8
+    images = pixels_to_tensor(pixels)
+    keys = [content_hash(image.tobytes()) for image in pixels]
+    captions = [train.captions_for(i) for i in range(n)]
+    if framing.is_square_center(cfg.resolution):
+        framed = FramedImages.square(images, keys)
+    else:
+        from PIL import Image
+
+        buckets, crops = zip(*(framing.frame(Image.fromarray(image), key) for image, key in zip(pixels, keys)))
+        framed = _framed(images, framing, cfg.resolution, keys, list(buckets), list(crops))
+    return CaptionedImages(images, captions, pixels_to_tensor(held.images), framed)

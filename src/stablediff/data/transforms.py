@@ -10,10 +10,13 @@ white), and it ignores EXIF orientation. Those are handled here.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: spawned ingest workers start without it
+    import torch
 
 from stablediff.data.validate import DEFAULT_VALIDATION, ValidationConfig, decode_image
 
@@ -94,8 +97,14 @@ def crop_box(image_size: tuple[int, int], size: tuple[int, int], random_crop: bo
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """8-bit RGB image -> float32 tensor (3, H, W) in [-1, 1], the range SD's VAE expects."""
-    pixels = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8, copy=True))
-    return pixels.permute(2, 0, 1).float().div(127.5).sub(1.0)
+    return pixels_to_tensor(np.array(image.convert("RGB"), dtype=np.uint8, copy=True))
+
+
+def pixels_to_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """(..., H, W, 3) uint8 -> float32 (..., 3, H, W) in [-1, 1]."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(pixels)).movedim(-1, -3).float().div(127.5).sub(1.0)
 
 
 @dataclass(frozen=True)

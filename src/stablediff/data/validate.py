@@ -168,6 +168,28 @@ def decode_image(data: bytes, config: ValidationConfig = DEFAULT_VALIDATION) -> 
     return image
 
 
+def judge_image(sample: RawSample, config: ValidationConfig = DEFAULT_VALIDATION,
+                digest: str | None = None) -> tuple[Verdict, Image.Image | None]:
+    """The sample's verdict on its own (no duplicate check) and, if accepted, its decoded image.
+
+    Pure in its inputs, so it can run in a worker process; `Validator.record`
+    then applies the order-dependent duplicate check.
+    """
+    if sample.reject is not None:
+        return Verdict(False, sample.reject, sample.detail), None
+    digest = digest or content_hash(sample.image_bytes)
+    try:
+        image = decode_image(sample.image_bytes, config)
+    except ImageRejected as rejected:
+        return Verdict(False, rejected.reason, rejected.detail, content_hash=digest), None
+    width, height = displayed_size(image)
+    if sample.caption_error is not None:
+        detail = ("no caption found" if sample.caption_error == "missing_caption"
+                  else "the caption is not valid UTF-8; re-save it as UTF-8")
+        return Verdict(False, sample.caption_error, detail, width, height, image.mode, digest), None
+    return Verdict(True, None, "", width, height, image.mode, digest), image
+
+
 class Validator:
     """Judges samples one after another; remembers accepted hashes to reject duplicates.
 
@@ -183,7 +205,25 @@ class Validator:
         self.last_image: Image.Image | None = None
 
     def judge(self, sample: RawSample) -> Verdict:
-        verdict = self._judge(sample)
+        self.last_image = None
+        if sample.reject is not None:
+            return self.record(sample, Verdict(False, sample.reject, sample.detail))
+        digest = content_hash(sample.image_bytes)
+        if self.duplicate_of(digest) is not None:  # checked before decoding: a copy costs one hash
+            return self.record(sample, Verdict(False, content_hash=digest))
+        verdict, self.last_image = judge_image(sample, self.config, digest)
+        return self.record(sample, verdict)
+
+    def duplicate_of(self, digest: str | None) -> str | None:
+        """The key of an accepted sample with these bytes, if any (and dedupe is on)."""
+        return self._first_seen.get(digest) if self.config.dedupe and digest else None
+
+    def record(self, sample: RawSample, verdict: Verdict) -> Verdict:
+        """Count a verdict from `judge_image`, in source order; a copy of an accepted sample
+        becomes a `duplicate`, whatever else was wrong with it."""
+        kept = self.duplicate_of(verdict.content_hash) if sample.reject is None else None
+        if kept is not None:
+            verdict = Verdict(False, "duplicate", f"same bytes as {kept}", content_hash=verdict.content_hash)
         self.total += 1
         if verdict.ok:
             if self.config.dedupe:
@@ -191,26 +231,6 @@ class Validator:
         else:
             self.rejects[verdict.reason] += 1
         return verdict
-
-    def _judge(self, sample: RawSample) -> Verdict:
-        self.last_image = None
-        if sample.reject is not None:
-            return Verdict(False, sample.reject, sample.detail)
-        digest = content_hash(sample.image_bytes)
-        kept = self._first_seen.get(digest)
-        if kept is not None:  # checked before decoding: a copy costs one hash, not a decode
-            return Verdict(False, "duplicate", f"same bytes as {kept}", content_hash=digest)
-        try:
-            image = decode_image(sample.image_bytes, self.config)
-        except ImageRejected as rejected:
-            return Verdict(False, rejected.reason, rejected.detail, content_hash=digest)
-        width, height = displayed_size(image)
-        if sample.caption_error is not None:
-            detail = ("no caption found" if sample.caption_error == "missing_caption"
-                      else "the caption is not valid UTF-8; re-save it as UTF-8")
-            return Verdict(False, sample.caption_error, detail, width, height, image.mode, digest)
-        self.last_image = image
-        return Verdict(True, None, "", width, height, image.mode, digest)
 
 
 def filter_valid(samples: Iterable[RawSample], validator: Validator,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from stablediff.training import state as train_state
 from stablediff.training.periodic import make_validation_set, run_validation, write_samples
-from stablediff.training.unet_stage import LoopHooks, UNetTrainState
+from stablediff.training.unet_stage import LoopHooks, TrainingDiverged, UNetTrainState
 
 
 class RunHooks(LoopHooks):
@@ -71,7 +71,7 @@ class RunHooks(LoopHooks):
     def _rollback(self, state: UNetTrainState, first_bad_step: int) -> None:
         guard_cfg = self.config.guard
         if state.rollbacks >= guard_cfg.max_rollbacks:
-            raise FloatingPointError(
+            raise TrainingDiverged(
                 f"training diverged again at step {state.step} after {state.rollbacks} rollbacks "
                 f"(LR now x{state.lr_scale:g}). Lower train.learning_rate, raise train.warmup_steps or "
                 "set train.grad_clip; the checkpoints before the divergence are intact.")
@@ -80,7 +80,7 @@ class RunHooks(LoopHooks):
         state.rollbacks += 1
         state.scale_lr(guard_cfg.lr_factor)
         self.checkpointer.mark_saved(state.step)
-        message = (f"divergence: {guard_cfg.max_events} bad steps since step {first_bad_step}; rolled back to "
+        message = (f"divergence: repeated bad steps since step {first_bad_step}; rolled back to "
                    f"step {loaded.step} and lowered the LR to x{state.lr_scale:g} (rollback {state.rollbacks})")
         if self.dist.is_main:
             print(message, file=sys.stderr, flush=True)

@@ -23,8 +23,8 @@ def encode_pixels(images: torch.Tensor, captions: list[list[str]], text_encoder:
     distinct, caption_ids = caption_table(captions)
     zeros = torch.zeros_like(images)
     mirrored = images.flip(-1) if flip else None
-    return EncodedDataset(images, zeros, text_encoder.encode(distinct), caption_ids, mirrored,
-                          zeros if flip else None)
+    return EncodedDataset.single(images, zeros, text_encoder.encode(distinct), caption_ids, mirrored,
+                                 zeros if flip else None)
 
 
 @torch.no_grad()

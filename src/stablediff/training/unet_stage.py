@@ -29,7 +29,6 @@ from stablediff.training.guard import DivergenceGuard
 from stablediff.training.precision import Precision, make_optimizer, prepare_unet
 from stablediff.training.step import StepBatch, accumulate_gradients, draw_noise, grad_norm_and_clip
 from stablediff.training.progress import StepProgress
-from stablediff.training.seeding import step_generator
 
 
 @dataclass
@@ -60,6 +59,10 @@ class UNetTrainState:
         for group in self.optimizer.param_groups:
             group["lr"] *= factor
         self.lr_scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+
+class TrainingDiverged(RuntimeError):
+    """The divergence guard gave up (no rollback possible, or too many); checkpoints stay intact."""
 
 
 @dataclass
@@ -117,8 +120,8 @@ def train_unet(state: UNetTrainState, data: EncodedDataset, noise_scheduler: DDP
                                                                              cfg.channels_last)
             verdict = optimizer_step(state, noise_scheduler, batch, cfg, step_size * world_size)
             state.step += 1
-            state.images_seen += step_size * world_size
-            progress.update(state.step, state.last_loss, step_size * world_size)
+            state.images_seen += len(indices) * world_size  # a bucket's last batch may be short
+            progress.update(state.step, state.last_loss, len(indices) * world_size)
             if metrics is not None and (state.step % cfg.log_every == 0 or state.step == cfg.max_steps
                                         or not verdict.ok):
                 metrics.write(stage="unet", step=state.step, loss=state.last_loss, grad_norm=verdict.grad_norm,
@@ -127,7 +130,7 @@ def train_unet(state: UNetTrainState, data: EncodedDataset, noise_scheduler: DDP
                               **({} if verdict.ok else {"skipped": verdict.reason}))
             if verdict.rollback:
                 if hooks.rollback is None:
-                    raise FloatingPointError(f"training diverged at step {state.step}: {verdict.reason}")
+                    raise TrainingDiverged(f"training diverged at step {state.step}: {verdict.reason}")
                 hooks.rollback(state, verdict.first_bad_step)
                 continue
             if hooks.after_step is not None:
