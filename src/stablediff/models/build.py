@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -37,13 +38,34 @@ def vae_downscale(vae: AutoencoderKL) -> int:
 
 
 def build_unet(cfg: UNetConfig, latent_channels: int, latent_size: int, cross_attention_dim: int) -> UNet2DConditionModel:
+    """From the shape keys (or a preset), or from `cfg.diffusers_config`. Channels, sample size and the
+    cross-attention width always follow the VAE and text encoder the run actually uses."""
+    fixed = dict(sample_size=latent_size, in_channels=latent_channels, out_channels=latent_channels,
+                 cross_attention_dim=cross_attention_dim)
+    if cfg.diffusers_config:
+        return UNet2DConditionModel.from_config({**read_unet_config(cfg.diffusers_config), **fixed})
     return UNet2DConditionModel(
-        sample_size=latent_size, in_channels=latent_channels, out_channels=latent_channels,
         down_block_types=tuple(cfg.down_block_types), up_block_types=tuple(cfg.up_block_types),
         block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
-        cross_attention_dim=cross_attention_dim, attention_head_dim=cfg.attention_head_dim,
-        norm_num_groups=cfg.norm_num_groups,
+        attention_head_dim=cfg.attention_head_dim, norm_num_groups=cfg.norm_num_groups, **fixed,
     )
+
+
+def read_unet_config(path: str) -> dict:
+    file = Path(path).expanduser()
+    if file.is_dir():
+        file = file / "config.json"
+    try:
+        config = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"unet.diffusers_config: {file} does not exist; give a diffusers UNet "
+                                "config.json (or the folder holding it)") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"unet.diffusers_config: {file} is not valid JSON ({exc})") from None
+    if config.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
+        raise ValueError(f"unet.diffusers_config: {file} describes a {config['_class_name']}, "
+                         "not a UNet2DConditionModel")
+    return config
 
 
 def build_noise_scheduler(cfg: NoiseConfig, prediction_type: str) -> DDPMScheduler:
