@@ -13,7 +13,9 @@ from rich.console import Console
 from rich.table import Table
 
 from stablediff.checkpoint import CheckpointStore, gc, repair
+from stablediff.cli import ckpt_models
 from stablediff.cli.errors import UserError
+from stablediff.cli.options import trust_pickle_option
 
 
 def human_bytes(n: int) -> str:
@@ -44,7 +46,7 @@ replica_option = click.option("--replica", "replicas", multiple=True, metavar="L
 
 @click.group(name="ckpt")
 def group() -> None:
-    """Inspect, verify, repair and clean checkpoint stores."""
+    """Checkpoint stores (list, info, verify, repair, gc) and model files (export, convert, merge, prune, hash)."""
 
 
 @group.command(name="list")
@@ -74,8 +76,12 @@ def _steps_or_empty(store: CheckpointStore) -> list[int]:
 @group.command()
 @click.argument("target")
 @click.option("--step", type=int, default=None, help="Which checkpoint (default: the newest).")
-def info(target: str, step: int | None) -> None:
-    """A checkpoint's metadata: counters, metrics, fingerprints, tensors by group."""
+@trust_pickle_option
+def info(target: str, step: int | None, trust_pickle: bool) -> None:
+    """A checkpoint's metadata: counters, metrics, fingerprints, tensors by group; for a model file or
+    diffusers folder: architecture, dtypes, parameters per component and metadata."""
+    if ckpt_models.is_model_target(target):
+        return ckpt_models.show_model_info(target, trust_pickle)
     store, _ = open_target(target, ())
     steps = store.steps()
     if not steps:
@@ -133,3 +139,6 @@ def gc_cmd(target: str) -> None:
     report = gc(store)
     click.echo(f"removed {report.chunks_removed} chunks ({human_bytes(report.bytes_freed)}) and "
                f"{report.temp_files_removed} temp files; kept {report.young_files_kept} recent files")
+
+
+ckpt_models.register(group)  # export, convert, merge, prune, hash

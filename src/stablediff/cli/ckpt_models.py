@@ -1,0 +1,178 @@
+"""`stablediff ckpt export|convert|merge|prune|hash` and `ckpt info FILE`: model files in and out.
+
+A model is a `.safetensors` single file (original SD layout), a diffusers
+pipeline folder, or a pickle `.ckpt` (only with --trust-pickle; we never write
+one). Heavy imports happen inside the commands so `stablediff --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from stablediff.cli.errors import UserError
+from stablediff.cli.options import trust_pickle_option
+
+MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+out_option = click.option("--out", type=click.Path(path_type=Path), required=True,
+                          help="Output: NAME.safetensors for a single file, any other path for a diffusers folder.")
+force_option = click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+tokenizer_option = click.option("--tokenizer", type=click.Path(path_type=Path, exists=True, file_okay=False),
+                                default=None, help="Local CLIP tokenizer folder, for SD 1.x files that have none.")
+
+
+def is_model_target(target: str) -> bool:
+    """A model file or diffusers folder (for `ckpt info`), as opposed to a run directory or store."""
+    path = Path(target)
+    return (path.is_file() and path.suffix.lower() in MODEL_SUFFIXES) or (path / "model_index.json").is_file()
+
+
+def check_out(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists; choose another output path or pass --force to replace it")
+
+
+def wrote(out: Path) -> None:
+    size = out.stat().st_size if out.is_file() else sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    click.echo(f"wrote {out} ({size / 2**20:.1f} MiB)")
+
+
+def show_model_info(target: str, trust_pickle: bool) -> None:
+    from stablediff.models.model_file import model_info
+
+    click.echo(json.dumps(model_info(Path(target), trust_pickle), indent=2, default=str))
+
+
+@click.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["diffusers", "single-file", "lora"]), required=True)
+@click.option("--step", type=click.IntRange(0), default=None, help="Which checkpoint (default: the newest).")
+@click.option("--best", is_flag=True, help="The checkpoint with the lowest val_loss.")
+@click.option("--ema/--no-ema", default=True, show_default=True, help="EMA weights or the raw trained weights.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Output path (default: RUN_DIR/export/step-N...).")
+@force_option
+@trust_pickle_option
+def export(run_dir: Path, fmt: str, step, best: bool, ema: bool, out: Path | None, force: bool,
+           trust_pickle: bool) -> None:
+    """Write a run's checkpoint as a diffusers folder, an SD single file, or its LoRA adapters."""
+    from stablediff.models.run_export import load_run_checkpoint, pipeline_from_checkpoint, save_lora
+
+    loaded = load_run_checkpoint(run_dir, step, best)
+    source = f"{run_dir} step {loaded.step}"
+    weights = "ema" if ema else "raw"
+    suffix = {"diffusers": "", "single-file": ".safetensors", "lora": "-lora.safetensors"}[fmt]
+    out = out or run_dir / "export" / f"step-{loaded.step:06d}-{weights}{suffix}"
+    check_out(out, force)
+    for note in loaded.notes():
+        click.echo(note, err=True)
+    if fmt == "lora":
+        save_lora(loaded, out, source)
+    else:
+        pipe = pipeline_from_checkpoint(loaded, ema, trust_pickle, source)
+        if fmt == "diffusers":
+            pipe.save_pretrained(out, safe_serialization=True)
+        else:
+            from stablediff.models.single_file import save_single_file
+
+            save_single_file(pipe, out, {"stablediff.run": {"step": loaded.step, "weights": weights,
+                                                            "run_dir": str(run_dir)}})
+    wrote(out)
+
+
+@click.command()
+@click.argument("source", type=click.Path(path_type=Path, exists=True))
+@click.argument("out", type=click.Path(path_type=Path))
+@force_option
+@tokenizer_option
+@trust_pickle_option
+def convert(source: Path, out: Path, force: bool, tokenizer: Path | None, trust_pickle: bool) -> None:
+    """Diffusers folder -> SD single file (OUT.safetensors), or single file -> diffusers folder (OUT).
+
+    A .ckpt (with --trust-pickle) -> OUT.safetensors keeps its tensors as they are.
+    """
+    from stablediff.models.model_io import read_model_file
+    from stablediff.models.single_file import load_single_file_pipeline, save_single_file, write_safetensors
+
+    check_out(out, force)
+    to_file = out.suffix.lower() == ".safetensors"
+    if source.is_dir():
+        if not to_file:
+            raise UserError(f"{source} is a folder, so the output must be a single file: name it "
+                            f"{out.with_suffix('.safetensors').name}")
+        from stablediff.inference.pipeline import load_pipeline_folder
+
+        save_single_file(load_pipeline_folder(source, trust_pickle), out)
+    elif to_file:
+        state, metadata = read_model_file(source, trust_pickle)
+        write_safetensors(state, metadata, out)
+    else:
+        if out.suffix.lower() in MODEL_SUFFIXES:
+            raise UserError(f"{out}: stablediff writes safetensors or diffusers folders, never pickles; "
+                            "name the output .safetensors or give a folder name")
+        pipe = load_single_file_pipeline(source, trust_pickle, tokenizer=tokenizer)
+        pipe.save_pretrained(out, safe_serialization=True)
+    wrote(out)
+
+
+@click.command()
+@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True))
+@click.option("--method", type=click.Choice(["weighted", "add-difference"]), default="weighted", show_default=True,
+              help="weighted: (1-alpha)*A + alpha*B;  add-difference: A + alpha*(B - C).")
+@click.option("--alpha", type=float, default=0.5, show_default=True)
+@out_option
+@force_option
+@trust_pickle_option
+def merge(models: tuple[Path, ...], method: str, alpha: float, out: Path, force: bool, trust_pickle: bool) -> None:
+    """Merge models A B [C] of the same architecture; the recipe goes into OUT's metadata."""
+    from stablediff.models.model_file import merge_files, write_model
+
+    check_out(out, force)
+    state, metadata = merge_files(list(models), method, alpha, trust_pickle)
+    write_model(state, metadata, out, f"merge of {', '.join(map(str, models))}")
+    wrote(out)
+
+
+@click.command()
+@click.argument("source", type=click.Path(path_type=Path, exists=True))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default=None,
+              help="Cast floating-point weights (fp16 halves the size).")
+@click.option("--ema-only", is_flag=True, help="Keep the EMA weights (model_ema.*) as the UNet, drop the rest.")
+@force_option
+@trust_pickle_option
+def prune(source: Path, out: Path, dtype: str | None, ema_only: bool, force: bool, trust_pickle: bool) -> None:
+    """Keep only what inference needs: UNet, VAE, text encoder (no EMA copy, optimizer or training junk)."""
+    from stablediff.models.model_file import DTYPES, prune_state, read_model, write_model
+
+    check_out(out, force)
+    state, metadata = read_model(source, trust_pickle)
+    pruned, dropped = prune_state(state, DTYPES.get(dtype or ""), ema_only, str(source))
+    write_model(pruned, metadata, out, str(source))
+    if dropped:
+        click.echo("dropped " + ", ".join(f"{n} {group}*" for group, n in sorted(dropped.items())))
+    wrote(out)
+
+
+@click.command(name="hash")
+@click.argument("file", type=click.Path(path_type=Path, exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Print the hashes as JSON.")
+def hash_cmd(file: Path, as_json: bool) -> None:
+    """SHA-256 of FILE, its 10-digit short form (Civitai AutoV2) and A1111's legacy 8-digit hash."""
+    from stablediff.models.file_hash import file_hashes
+
+    hashes = file_hashes(file)
+    if as_json:
+        click.echo(json.dumps({"file": str(file), **hashes}))
+        return
+    click.echo(f"{hashes['sha256']}  {file}")
+    click.echo(f"autov2 {hashes['autov2']}")
+    click.echo(f"legacy {hashes['legacy']}")
+
+
+def register(group: click.Group) -> None:
+    for command in (export, convert, merge, prune, hash_cmd):
+        group.add_command(command)
