@@ -1,3 +1,19 @@
 """stablediff: Stable Diffusion training, fine-tuning and inference that never loses work."""
 
 __version__ = "0.1.0"
+
+# The inference API imports torch and diffusers; `import stablediff` stays light and loads it on first use.
+_LAZY = {"load_pipeline": "stablediff.inference.api", "save_png": "stablediff.inference.api",
+         "release_pipeline": "stablediff.inference.api"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'stablediff' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_LAZY])

@@ -1,4 +1,8 @@
-"""`stablediff generate MODEL PROMPT`: text-to-image from a run directory or a diffusers folder."""
+"""`stablediff generate MODEL PROMPT`: txt2img, img2img (--init) and inpainting (--init --mask).
+
+`stablediff generate --from-png IMG [MODEL]` makes an image again from the
+parameters in its PNG metadata; `--list-samplers` says which samplers exist.
+"""
 
 from __future__ import annotations
 
@@ -20,52 +24,99 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
     return int(match[1]), int(match[2])
 
 
-def resolve_model(model: Path) -> Path:
-    """A run directory means its exported pipeline; a diffusers folder is used as is."""
-    if (model / "model_index.json").is_file():
-        return model
-    exported = model / "export" / "diffusers"
-    if (exported / "model_index.json").is_file():
-        return exported
-    if not model.exists():
-        raise UserError(f"model {model} does not exist; give a run directory or a diffusers pipeline folder")
-    raise UserError(f"{model} is neither a diffusers pipeline folder (model_index.json) nor a run directory "
-                    "with export/diffusers; train one with `stablediff demo` or `stablediff train`")
-
-
 def next_index(out: Path) -> int:
     numbers = [int(p.name[:5]) for p in out.glob("[0-9][0-9][0-9][0-9][0-9]-*.png")]
     return max(numbers, default=-1) + 1
 
 
+def print_samplers() -> None:
+    from stablediff.inference.schedulers import DEFAULT_SAMPLER, SAMPLERS
+
+    width = max(len(name) for name in SAMPLERS)
+    for sampler in SAMPLERS.values():
+        default = " [default]" if sampler.name == DEFAULT_SAMPLER else ""
+        needs = f" (needs {sampler.requires})" if sampler.requires else ""
+        click.echo(f"{sampler.name:<{width}}  {sampler.class_name:<32} {sampler.description}{needs}{default}")
+
+
 @click.command()
-@click.argument("model", type=click.Path(path_type=Path))
-@click.argument("prompt")
+@click.argument("model", required=False, type=click.Path(path_type=Path))
+@click.argument("prompt", required=False)
 @click.option("--negative", default=None, help="Negative prompt.")
 @click.option("--steps", default=20, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--scheduler", "--sampler", "sampler", default="dpmpp_2m", show_default=True, metavar="NAME",
+              help="Sampler; see --list-samplers.")
 @click.option("--guidance", default=3.0, show_default=True, type=click.FloatRange(0), help="CFG scale.")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(0))
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Image i uses seed + i.")
 @click.option("--num", default=1, show_default=True, type=click.IntRange(1, 256), help="Images to make.")
-@click.option("--size", default=None, metavar="WxH", help="Image size (default: the model's).")
+@click.option("--size", default=None, metavar="WxH", help="Image size (default: the model's, or the init image's).")
+@click.option("--init", "init_image", type=click.Path(path_type=Path), default=None,
+              help="img2img: start from this image.")
+@click.option("--strength", default=None, type=float, help="img2img/inpaint: how much to redraw, 0-1 [0.75].")
+@click.option("--mask", type=click.Path(path_type=Path), default=None,
+              help="Inpaint: white = redraw, black = keep (needs --init).")
+@click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]", help="A LoRA to apply (repeatable).")
+@click.option("--step", type=click.IntRange(0), default=None, help="Run directory: use the checkpoint of this step.")
+@click.option("--best", is_flag=True, help="Run directory: use the best checkpoint.")
+@click.option("--from-png", "from_png", type=click.Path(path_type=Path), default=None,
+              help="Make the image in this PNG again from its metadata.")
+@click.option("--list-samplers", is_flag=True, help="List the samplers and exit.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("outputs"), show_default=True)
 @trust_pickle_option
-def generate(model: Path, prompt: str, negative, steps, guidance, seed, num, size, out: Path,
-             trust_pickle: bool) -> None:
-    """Generate images for PROMPT with MODEL (DPM-Solver++ sampler). The same seed gives the same image."""
-    wh = parse_size(size)
-    folder = resolve_model(model)
-    from stablediff.inference.metadata import infotext, png_info
-    from stablediff.inference.pipeline import load_pipeline_folder, txt2img
+def generate(model, prompt, negative, steps, sampler, guidance, seed, num, size, init_image, strength, mask,
+             loras, step, best, from_png, list_samplers: bool, out: Path, trust_pickle: bool) -> None:
+    """Generate images for PROMPT with MODEL (a run directory, diffusers folder or .safetensors file).
 
-    pipe = load_pipeline_folder(folder, trust_pickle)
-    images = txt2img(pipe, prompt, negative_prompt=negative, steps=steps, guidance_scale=guidance,
-                     seed=seed, num=num, size=wh)
+    The same seed gives the same image on any device; each PNG carries its parameters (A1111 infotext).
+    """
+    if list_samplers:
+        print_samplers()
+        return
+    if from_png is not None:
+        if prompt is not None:
+            raise click.UsageError("with --from-png give at most MODEL; the prompt comes from the image")
+        regenerate(from_png, model, out, loras, init_image, mask, step, best, trust_pickle)
+        return
+    if model is None or prompt is None:
+        raise click.UsageError("give MODEL and PROMPT (or --from-png IMG, or --list-samplers)")
+    if mask is not None and init_image is None:
+        raise click.UsageError("--mask needs --init, the image to paint into")
+    if strength is not None and init_image is None:
+        raise click.UsageError("--strength applies to img2img and inpainting; give --init IMG")
+    from stablediff.inference.api import load_pipeline
+    from stablediff.inference.lora import parse_lora_arg
+    from stablediff.inference.request import GenerationRequest
+
+    request = GenerationRequest(prompt, negative, steps, sampler, guidance, seed, num, parse_size(size),
+                                strength, tuple(parse_lora_arg(text) for text in loras))
+    if init_image is not None and not init_image.is_file():
+        raise UserError(f"init image {init_image} does not exist; give the path of a PNG or JPEG image")
+    loaded = load_pipeline(model, step=step, best=best, trust_pickle=trust_pickle)
+    write_images(loaded.generate(request, init_image=init_image, mask=mask), out, seed)
+
+
+def write_images(images, out: Path, seed: int) -> None:
+    from stablediff.inference.api import save_png
+
     out.mkdir(parents=True, exist_ok=True)
     start = next_index(out)
     for i, image in enumerate(images):
-        params = {"Steps": steps, "Sampler": "dpmpp_2m", "CFG scale": guidance, "Seed": seed + i,
-                  "Size": f"{image.width}x{image.height}", "Model": folder.name if folder.name != "diffusers"
-                  else folder.parent.parent.name}
-        path = out / f"{start + i:05d}-{seed + i}.png"
-        image.save(path, pnginfo=png_info(infotext(prompt, negative, params)))
-        click.echo(str(path))
+        click.echo(str(save_png(image, out / f"{start + i:05d}-{seed + i}.png")))
+
+
+def regenerate(png: Path, model, out: Path, loras, init_image, mask, step, best, trust_pickle: bool) -> None:
+    """Make the image in `png` again; MODEL, --lora, --init, --mask override where its metadata says they were."""
+    from stablediff.inference.api import load_pipeline
+    from stablediff.inference.lora import parse_lora_arg
+    from stablediff.inference.recreate import plan_recreation
+
+    # A scale given with --lora is ignored here: the image's own LoRA weights are what re-create it.
+    lora_paths = tuple(parse_lora_arg(text).path for text in loras)
+    plan = plan_recreation(png, model, lora_paths, init_image, mask, step, best)
+    loaded = load_pipeline(plan.model, step=plan.step, best=plan.best, trust_pickle=trust_pickle)
+    if plan.model_hash and plan.model_hash != loaded.model_hash:
+        click.secho(f"warning: {png} was made with model hash {plan.model_hash}, {plan.model} has "
+                    f"{loaded.model_hash}; the image will differ", fg="yellow", err=True)
+    images = loaded.generate(plan.request, init_image=plan.init_image, mask=plan.mask)
+    write_images(images, out, plan.request.seed)
+

@@ -2,23 +2,126 @@
 
     a handwritten digit seven
     Negative prompt: blurry
-    Steps: 20, Sampler: dpmpp_2m, CFG scale: 3.0, Seed: 7, Size: 32x32, Model: digits
+    Steps: 20, Sampler: dpmpp_2m, CFG scale: 3.0, Seed: 7, Size: 32x32, Model hash: 1a2b3c4d5e, Model: digits
+
+The `parameters` text chunk holds exactly that text (what A1111, ComfyUI and
+Civitai read). A second chunk, `stablediff`, holds JSON with *where* the model,
+LoRAs and input images were (paths are not part of infotext); `generate
+--from-png` reads parameters from the infotext and locations from that chunk.
+
+Hashes are A1111's "AutoV2": the first 10 hex digits of the SHA-256 of the
+whole file, so a hash printed here matches the one Civitai shows for a file.
 """
 
 from __future__ import annotations
 
-from PIL import PngImagePlugin
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, PngImagePlugin
+
+PARAMETERS_KEY = "parameters"
+LOCATIONS_KEY = "stablediff"
+SHORT_HASH_LENGTH = 10
+
+# One `Key: value` pair of the last line; a value with a comma, colon or quote is JSON-quoted
+# (the same rule as A1111's infotext, so its parser and ours read each other's text).
+_PARAM = re.compile(r'\s*([\w][\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+_NEGATIVE = "Negative prompt:"
 
 
 def infotext(prompt: str, negative_prompt: str | None, params: dict[str, object]) -> str:
     lines = [prompt]
     if negative_prompt:
-        lines.append(f"Negative prompt: {negative_prompt}")
-    lines.append(", ".join(f"{key}: {value}" for key, value in params.items()))
+        lines.append(f"{_NEGATIVE} {negative_prompt}")
+    lines.append(", ".join(f"{key}: {_quote(value)}" for key, value in params.items() if value is not None))
     return "\n".join(lines)
 
 
-def png_info(text: str) -> PngImagePlugin.PngInfo:
+def _quote(value: object) -> str:
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ',:"\n') else text
+
+
+@dataclass(frozen=True)
+class Infotext:
+    prompt: str
+    negative_prompt: str | None
+    params: dict[str, str] = field(default_factory=dict)
+
+
+def parse_infotext(text: str) -> Infotext:
+    """Inverse of `infotext`: prompt, negative prompt and the parameter line as strings."""
+    lines = text.strip("\n").split("\n")
+    params: dict[str, str] = {}
+    candidate = dict(_pairs(lines[-1]))
+    if len(candidate) >= 3:  # A1111's rule: a prompt line may hold a stray `word: value`
+        params, lines = candidate, lines[:-1]
+    prompt_lines, negative_lines, in_negative = [], [], False
+    for line in lines:
+        if line.startswith(_NEGATIVE):
+            in_negative, line = True, line[len(_NEGATIVE):].lstrip(" ")
+        (negative_lines if in_negative else prompt_lines).append(line)
+    negative = "\n".join(negative_lines) if in_negative else None
+    return Infotext("\n".join(prompt_lines), negative or None, params)
+
+
+def _pairs(line: str):
+    position = 0
+    while position < len(line):
+        match = _PARAM.match(line, position)
+        if not match or match.end() == position:
+            return
+        key, value = match[1].strip(), match[2].strip()
+        yield key, json.loads(value) if value.startswith('"') else value
+        position = match.end()
+
+
+def png_info(text: str, locations: dict | None = None) -> PngImagePlugin.PngInfo:
     info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", text)
+    info.add_text(PARAMETERS_KEY, text)
+    if locations:
+        info.add_text(LOCATIONS_KEY, json.dumps(locations, sort_keys=True))
     return info
+
+
+def read_png_metadata(path: Path) -> tuple[Infotext, dict]:
+    """The infotext and the locations JSON (empty when absent, e.g. an A1111 image)."""
+    try:
+        with Image.open(path) as image:
+            chunks = dict(getattr(image, "text", {}) or image.info)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: cannot read it as an image ({exc}); give a PNG written by "
+                         "`stablediff generate` or A1111") from None
+    text = chunks.get(PARAMETERS_KEY)
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"{path} has no `parameters` text chunk, so it does not say how it was made; give a PNG "
+                         "written by `stablediff generate` or A1111 (some sites and editors strip PNG text chunks)")
+    try:
+        locations = json.loads(chunks.get(LOCATIONS_KEY) or "{}")
+    except json.JSONDecodeError:
+        locations = {}
+    return parse_infotext(text), locations if isinstance(locations, dict) else {}
+
+
+_HASH_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def file_short_hash(path: Path) -> str:
+    """AutoV2 hash of a file, cached by (path, size, mtime) since models are gigabytes."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _HASH_CACHE:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        _HASH_CACHE[key] = digest.hexdigest()[:SHORT_HASH_LENGTH]
+    return _HASH_CACHE[key]
+
+
+def bytes_short_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:SHORT_HASH_LENGTH]

@@ -50,7 +50,8 @@ class UNetTrainState:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.model = self.model or self.unet
+        if self.model is None:
+            self.model = self.unet
 
     def scale_lr(self, factor: float) -> None:
         """Multiply the LR for the rest of the run (the schedule's shape is kept)."""

@@ -1,0 +1,74 @@
+"""`generate --from-png`: the request, model and input files that made a PNG, read from its metadata.
+
+Parameters come from the A1111 infotext; where the model, LoRAs, init image
+and mask were comes from the `stablediff` chunk, and anything the user names
+again (MODEL, --lora, --init, --mask) takes its place — e.g. for an A1111
+image, or after files moved. LoRAs are matched to the infotext by content
+hash, so a different file under the same name is never used silently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from stablediff.inference.lora import LoraSpec, lora_file
+from stablediff.inference.metadata import file_short_hash, read_png_metadata
+from stablediff.inference.request import GenerationRequest, lora_weights, request_from_infotext
+
+
+@dataclass(frozen=True)
+class Recreation:
+    request: GenerationRequest
+    model: Path
+    step: int | None
+    best: bool
+    model_hash: str | None  # the hash the image was made with
+    init_image: Path | None
+    mask: Path | None
+
+
+def plan_recreation(png: Path, model: Path | None = None, lora_paths: tuple[Path, ...] = (),
+                    init_image: Path | None = None, mask: Path | None = None, step: int | None = None,
+                    best: bool = False) -> Recreation:
+    info, locations = read_png_metadata(png)
+    if model is None:
+        if not locations.get("model"):
+            raise ValueError(f"{png} does not say where its model {info.params.get('Model', '?')!r} (hash "
+                             f"{info.params.get('Model hash', '?')}) is; give it: stablediff generate --from-png "
+                             f"{png} MODEL")
+        model, step, best = Path(locations["model"]), locations.get("step"), bool(locations.get("best"))
+    loras = _loras(info, locations.get("loras", {}), lora_paths)
+    request = request_from_infotext(info, loras)
+    if request.strength is not None:
+        init_image = init_image or _recorded(locations, "init", png, "init image", "--init")
+        if "mask" in locations or mask is not None:
+            mask = mask or _recorded(locations, "mask", png, "mask", "--mask")
+    return Recreation(request, model, step, best, info.params.get("Model hash"), init_image, mask)
+
+
+def _recorded(locations: dict, key: str, png: Path, what: str, option: str) -> Path:
+    path = Path(locations[key]) if locations.get(key) else None
+    if path is None or not path.is_file():
+        raise FileNotFoundError(f"{png} was made from the {what} {path or '(not recorded)'}, which is not there "
+                                f"now; give it with {option} PATH")
+    return path
+
+
+def _loras(info, recorded_paths: dict[str, str], given: tuple[Path, ...]) -> tuple[LoraSpec, ...]:
+    wanted = lora_weights(info)  # name -> (hash, scale)
+    by_hash = {file_short_hash(lora_file(Path(p))): lora_file(Path(p)) for p in given}
+    specs, missing = [], []
+    for name, (hash_, scale) in wanted.items():
+        path = by_hash.get(hash_)
+        recorded = Path(recorded_paths[name]) if name in recorded_paths else None
+        if path is None and recorded is not None and recorded.is_file() and file_short_hash(recorded) == hash_:
+            path = recorded
+        if path is None:
+            missing.append(f"{name} (hash {hash_})")
+        else:
+            specs.append(LoraSpec(path, scale))
+    if missing:
+        raise FileNotFoundError(f"the image was made with the LoRA(s) {', '.join(missing)}, not found with that "
+                                "hash at their recorded paths; give each file with --lora PATH")
+    return tuple(specs)
