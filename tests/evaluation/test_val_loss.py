@@ -4,18 +4,12 @@ import math
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
 
 from stablediff.evaluation.val_loss import validation_loss
 from stablediff.training.objectives import make_noise_scheduler
+from tests.tiny_models import tiny_unet
 
 
-def tiny_unet(seed: int = 0) -> UNet2DConditionModel:
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8)
 
 
 def held_out(n: int = 6):

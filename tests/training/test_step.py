@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
 
 from stablediff.config.schema import TrainConfig
 from stablediff.training.guard import DivergenceGuard
@@ -14,14 +13,9 @@ from stablediff.training.objectives import make_noise_scheduler
 from stablediff.training.precision import Precision
 from stablediff.training.step import StepBatch, accumulate_gradients, draw_noise
 from stablediff.training.unet_stage import UNetTrainState, make_train_state, optimizer_step
+from tests.tiny_models import tiny_unet
 
 
-def tiny_unet(seed: int = 0) -> UNet2DConditionModel:
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8)
 
 
 def fixed_batch(n: int, cfg: TrainConfig, seed: int = 0) -> StepBatch:

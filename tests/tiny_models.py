@@ -1,0 +1,15 @@
+"""The smallest real diffusers models the unit tests train and evaluate."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import UNet2DConditionModel
+
+
+def tiny_unet(seed: int = 0) -> UNet2DConditionModel:
+    """A cross-attention UNet on (B, 4, 8, 8) latents with 32-wide text embeddings."""
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8)
