@@ -115,7 +115,6 @@ def run_training(config: RunConfig, run_dir: Path, fresh: bool = False, trust_pi
 
 def train_stage2(config: RunConfig, run_dir: Path, fresh: bool, trust_pickle: bool, dist_info, device) -> Stage2:
     """Build (or restore) stage 2 and run its loop with checkpoints, validation and rollback."""
-    quiet = dist_info.is_main
     if dist_info.is_main:
         prepare_run_dir(config, run_dir, fresh)
     else:  # the other ranks restore the checkpoint rank 0 commits after stage 1
@@ -123,7 +122,7 @@ def train_stage2(config: RunConfig, run_dir: Path, fresh: bool, trust_pickle: bo
     metrics = MetricsLog(run_dir / "metrics.jsonl") if dist_info.is_main else None
     primary, replicas = open_stores(run_dir, config.checkpoint)
     timings = {"run_start": time.time()}
-    resume = find_resume(primary, replicas, say if quiet else _silent, timings)
+    resume = find_resume(primary, replicas, say, timings)
     stage = build_stage2(config, run_dir, resume, metrics, trust_pickle, dist_info, device)
     timings["rebuilt"] = time.time()
     checkpointer = RunCheckpointer(primary, replicas, config.checkpoint, say, dist_info)
@@ -137,10 +136,10 @@ def train_stage2(config: RunConfig, run_dir: Path, fresh: bool, trust_pickle: bo
             checkpointer.mark_saved(resume.step)
         if dist_info.is_main:
             distributed.barrier()  # releases the other ranks: the checkpoint they restore is committed
-        if dist_info.enabled:
-            wrap_data_parallel(stage.state)
             say(f"stage 2: text-to-image UNet, {count_parameters(stage.state.unet) / 1e6:.2f}M parameters, "
                 f"{config.train.max_steps} steps of {describe_batch(config, dist_info)} on {len(stage.data)} images")
+        if dist_info.enabled:
+            wrap_data_parallel(stage.state)
         train_unet(stage.state, stage.data, stage.noise_scheduler, config.train, stage.scaling_factor,
                    config.data, config.seed, metrics, hooks, dist_info.rank, dist_info.world_size)
         checkpointer.finish(stage.state.step, stage.capture, hooks.last_metrics(stage.state))
@@ -157,10 +156,6 @@ def describe_batch(config: RunConfig, dist_info) -> str:
     if dist_info.enabled:
         parts.append(f"{dist_info.world_size} ranks")
     return " x ".join(parts)
-
-
-def _silent(message: str) -> None:
-    pass
 
 
 def build_stage2(config: RunConfig, run_dir: Path, resume, metrics: MetricsLog | None, trust_pickle: bool,
