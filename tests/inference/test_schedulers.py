@@ -41,3 +41,20 @@ def test_a1111_sampler_names_map_to_ours():
     assert sampler_from_infotext("DPM++ 2M", "Karras") == "dpmpp_2m_karras"
     assert sampler_from_infotext("Euler a") == "euler_a"
     assert sampler_from_infotext("unipc") == "unipc"
+
+
+SD_CONFIG = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+             "beta_end": 0.012, "steps_offset": 1, "timestep_spacing": "leading"}
+
+
+@pytest.mark.parametrize("steps", [1000, 999, 501])
+def test_as_many_sampling_steps_as_training_timesteps_stay_inside_the_schedule(steps):
+    scheduler = make_scheduler("ddpm", SD_CONFIG, steps)
+    scheduler.set_timesteps(steps)
+    assert int(scheduler.timesteps.max()) <= 999 and len(scheduler.timesteps) == steps
+
+
+def test_the_steps_offset_is_kept_where_it_fits():
+    scheduler = make_scheduler("ddim", SD_CONFIG, 20)
+    scheduler.set_timesteps(20)
+    assert scheduler.config.steps_offset == 1 and int(scheduler.timesteps.max()) == 951

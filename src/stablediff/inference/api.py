@@ -77,7 +77,7 @@ class ImagePipeline:
             if init is not None and init.size != size:
                 init = init.resize(size, Image.LANCZOS)
             apply_loras(self.pipe, list(request.loras))
-            self.pipe.scheduler = make_scheduler(request.sampler, self._scheduler_config)
+            self.pipe.scheduler = make_scheduler(request.sampler, self._scheduler_config, request.steps)
             common = dict(negative_prompt=request.negative_prompt, steps=request.steps,
                           guidance_scale=request.guidance_scale, seed=request.seed, num=request.num)
             if init is None:

@@ -71,8 +71,21 @@ def get_sampler(name: str) -> Sampler:
                          "(`stablediff generate --list-samplers` says what each is)") from None
 
 
-def make_scheduler(name: str, model_scheduler_config: dict):
-    """A fresh diffusers scheduler for sampler `name`, on the model's noise schedule."""
+def fit_steps_offset(config: dict, steps: int | None) -> dict:
+    """SD's `steps_offset: 1` with "leading" spacing puts the last of `steps` timesteps at
+    offset + (T // steps) * (steps - 1), which is T, one past the schedule's end, when steps = T
+    (e.g. ddpm at 1000 steps). There the offset is dropped: the timesteps are then exactly 0..T-1."""
+    total = int(config.get("num_train_timesteps", 1000))
+    offset = int(config.get("steps_offset", 0))
+    if steps and config.get("timestep_spacing", "leading") == "leading" and \
+            offset + (total // steps) * (steps - 1) > total - 1:
+        return {**config, "steps_offset": 0}
+    return config
+
+
+def make_scheduler(name: str, model_scheduler_config: dict, steps: int | None = None):
+    """A fresh diffusers scheduler for sampler `name`, on the model's noise schedule (`steps`: the
+    number of sampling steps it will run, when known)."""
     import diffusers
 
     sampler = get_sampler(name)
@@ -85,5 +98,6 @@ def make_scheduler(name: str, model_scheduler_config: dict):
     scheduler_class = getattr(diffusers, sampler.class_name)
     # Keys the model's config has that this class does not know are ignored by from_config;
     # dropping the class bookkeeping keeps diffusers from logging about them.
-    config = {k: v for k, v in dict(model_scheduler_config).items() if not k.startswith("_")}
+    config = fit_steps_offset({k: v for k, v in dict(model_scheduler_config).items() if not k.startswith("_")},
+                              steps)
     return scheduler_class.from_config(config, **sampler.overrides)
