@@ -96,15 +96,18 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=4)
     parser.add_argument("--block-steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        help="config overrides for stablediff's side (e.g. train.channels_last=true)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = load_config("digits", ["vae.train_steps=0", "train.tensorboard=false", "train.log_every=1000"])
+    config = load_config("digits", ["vae.train_steps=0", "train.tensorboard=false", "train.log_every=1000",
+                                    *args.overrides])
     batch = config.train.batch_size
     with tempfile.TemporaryDirectory() as tmp:
         stage = build_stage2(config, Path(tmp), None, MetricsLog(Path(tmp) / "metrics.jsonl"), False)
         train, _ = load_digits(config.data.resolution)
-        baseline = DiffusersStyleLoop(stage, config, list(train.images), [train.captions_for(i)
+        baseline = DiffusersStyleLoop(stage, config, [Image.fromarray(a) for a in train.images], [train.captions_for(i)
                                                                           for i in range(len(train))])
 
         def ours(steps: int) -> None:
@@ -129,7 +132,7 @@ def main() -> None:
     print(f"speed-up: {ratio:.2f}x (goal >= 1.5x)   [{machine()}, {torch.get_num_threads()} threads]")
     write_result("train_throughput", {"images_per_second": median, "blocks": rates, "ratio": ratio,
                                       "batch_size": batch, "block_steps": args.block_steps,
-                                      "threads": torch.get_num_threads()})
+                                      "threads": torch.get_num_threads(), "overrides": args.overrides})
 
 
 if __name__ == "__main__":
