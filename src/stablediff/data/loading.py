@@ -72,6 +72,7 @@ class CaptionedImages:
     captions: list[list[str]]  # per sample, its caption variants
     held_out: torch.Tensor  # (M, 3, R, R)
     framed: FramedImages  # the same samples, bucketed and cropped for the latents
+    held_out_captions: list[str] | None = None  # one per held-out image (the validation loss's prompts)
 
     @property
     def keys(self) -> list[str]:
@@ -89,7 +90,7 @@ def load_captioned_images(spec: str, resolution: int, run_dir: Path, max_reject_
     framing = framing or Framing.square(resolution)
     task = IngestTask(DEFAULT_VALIDATION, framing, resolution)
     validator = Validator(task.validation)
-    squares, captions, held, keys, buckets, crops = [], [], [], [], [], []
+    squares, captions, held, held_captions, keys, buckets, crops = [], [], [], [], [], [], []
     judged = ingest(open_source(spec, caption_policy), validator, task, num_workers)
     with Quarantine(run_dir) as quarantine, closing(judged):  # closing: a `limit` stops the workers at once
         for sample, verdict, framed in judged:
@@ -98,6 +99,7 @@ def load_captioned_images(spec: str, resolution: int, run_dir: Path, max_reject_
                 continue
             if int(verdict.content_hash[:8], 16) % HELD_OUT_EVERY == 0:
                 held.append(framed.square)
+                held_captions.append(sample.caption or "")
                 continue
             squares.append(framed.square)
             captions.append([sample.caption or ""])
@@ -111,7 +113,9 @@ def load_captioned_images(spec: str, resolution: int, run_dir: Path, max_reject_
         raise ValueError(f"data.source {spec!r}: no usable training samples")
     images = pixels_to_tensor(np.stack(squares))
     held_out = pixels_to_tensor(np.stack(held)) if held else images[:1]
-    return CaptionedImages(images, captions, held_out, _framed(images, framing, resolution, keys, buckets, crops))
+    held_captions = held_captions if held else captions[0][:1]
+    return CaptionedImages(images, captions, held_out, _framed(images, framing, resolution, keys, buckets, crops),
+                           held_captions)
 
 
 def _framed(images: torch.Tensor, framing: Framing, resolution: int, keys: list[str], buckets: list[int],
@@ -159,4 +163,5 @@ def _digits(cfg: DataConfig, framing: Framing) -> CaptionedImages:
 
         buckets, crops = zip(*(framing.frame(Image.fromarray(image), key) for image, key in zip(pixels, keys)))
         framed = _framed(images, framing, cfg.resolution, keys, list(buckets), list(crops))
-    return CaptionedImages(images, captions, pixels_to_tensor(held.images), framed)
+    held_captions = [held.captions_for(i)[0] for i in range(len(held))]
+    return CaptionedImages(images, captions, pixels_to_tensor(held.images), framed, held_captions)

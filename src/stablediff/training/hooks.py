@@ -28,7 +28,7 @@ class RunHooks(LoopHooks):
         self.validation_set = None
         if config.train.validate_every and dist_info.is_main:
             self.validation_set = make_validation_set(stage.vae, stage.held_out, stage.text_encoder,
-                                                      stage.scaling_factor)
+                                                      stage.scaling_factor, stage.held_out_captions)
 
     def last_metrics(self, state: UNetTrainState) -> dict:
         metrics = {"train_loss": state.last_loss}

@@ -20,15 +20,17 @@ VALIDATION_SAMPLES = 64  # held-out images in the validation loss (fixed: compar
 @dataclass
 class ValidationSet:
     latents: torch.Tensor  # (M, C, h, w): scaled posterior means of held-out images
-    text_embeddings: torch.Tensor  # (M, L, D): the empty caption (held-out samples carry no caption)
+    text_embeddings: torch.Tensor  # (M, L, D): their captions ("" where a source gives none)
 
 
 @torch.no_grad()
-def make_validation_set(vae, held_out: torch.Tensor, text_encoder, scaling_factor: float) -> ValidationSet:
+def make_validation_set(vae, held_out: torch.Tensor, text_encoder, scaling_factor: float,
+                        captions: list[str] | None = None) -> ValidationSet:
     images = held_out[:VALIDATION_SAMPLES]
     latents = images if vae is None else vae.encode(images).latent_dist.mean * scaling_factor
-    empty = text_encoder.encode([""]).expand(len(images), -1, -1).contiguous()
-    return ValidationSet(latents, empty)
+    prompts = list(captions[: len(images)]) if captions else []
+    prompts += [""] * (len(images) - len(prompts))
+    return ValidationSet(latents, text_encoder.encode(prompts))
 
 
 def run_validation(unet: torch.nn.Module, noise_scheduler, vset: ValidationSet, prediction_type: str,

@@ -87,6 +87,7 @@ class Stage2:
     capture: Callable[..., tuple[dict, dict] | None]
     vae_report: VAEReport | None
     held_out: torch.Tensor
+    held_out_captions: list[str] | None
     scaling_factor: float
 
     def pipeline(self):
@@ -191,7 +192,8 @@ def build_stage2(config: RunConfig, run_dir: Path, resume, metrics: MetricsLog |
     fingerprints = {"code": train_state.code_fingerprint(), "data": train_state.data_fingerprint(images, captions),
                     "text_encoder": text_encoder.fingerprint}
     capture = partial(capture_all_ranks, state, vae, config.model_dump(mode="json"), fingerprints, dist_info)
-    return Stage2(vae, text_encoder, data, state, noise_scheduler, capture, vae_report, held_out, scaling_factor)
+    return Stage2(vae, text_encoder, data, state, noise_scheduler, capture, vae_report, held_out,
+                  loaded.held_out_captions, scaling_factor)
 
 
 def capture_all_ranks(state, vae, config_dump: dict, fingerprints: dict, dist_info, gather: bool = True):
