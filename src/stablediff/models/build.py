@@ -63,8 +63,8 @@ def read_unet_config(path: str) -> dict:
     except json.JSONDecodeError as exc:
         raise ValueError(f"unet.diffusers_config: {file} is not valid JSON ({exc})") from None
     if config.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
-        raise ValueError(f"unet.diffusers_config: {file} describes a {config['_class_name']}, "
-                         "not a UNet2DConditionModel")
+        raise ValueError(f"unet.diffusers_config: {file} is the config of {config['_class_name']}, "
+                         "not of a UNet2DConditionModel; give the UNet's config.json (the unet/ folder)")
     return config
 
 

@@ -27,6 +27,7 @@ from typing import Literal
 class Verdict:
     action: Literal["ok", "skip", "rollback"]
     reason: str = ""
+    first_event: int = 0  # with "rollback": the step (or check number) of the first bad step counted
 
     @property
     def ok(self) -> bool:
@@ -63,22 +64,25 @@ class DivergenceGuard:
     def median(self) -> float:
         return statistics.median(self.good_losses) if self.good_losses else float("nan")
 
-    def check(self, loss: float, grad_norm: float) -> Verdict:
-        """Judge one step before the optimizer applies it."""
+    def check(self, loss: float, grad_norm: float, step: int | None = None) -> Verdict:
+        """Judge one step before the optimizer applies it. Events are counted by `step` when the
+        loop gives it (so a rollback verdict names the first bad step), else by check number."""
         self.checks += 1
+        now = self.checks if step is None else step
         reason = self._bad_reason(float(loss), float(grad_norm))
         if reason is None:
             self.good_losses.append(float(loss))
             return OK
         self.skipped += 1
-        self.event_checks.append(self.checks)
-        while self.event_checks and self.event_checks[0] <= self.checks - self.within_steps:
+        self.event_checks.append(now)
+        while self.event_checks and self.event_checks[0] <= now - self.within_steps:
             self.event_checks.popleft()
         if len(self.event_checks) > self.max_events:
-            count = len(self.event_checks)
+            count, first = len(self.event_checks), self.event_checks[0]
             self.event_checks.clear()  # the reloaded run starts with a clean slate
             self.rollbacks += 1
-            return Verdict("rollback", f"{count} bad steps within the last {self.within_steps} (latest: {reason})")
+            return Verdict("rollback", f"{count} bad steps within the last {self.within_steps} (latest: {reason})",
+                           first)
         return Verdict("skip", reason)
 
     def _bad_reason(self, loss: float, grad_norm: float) -> str | None:

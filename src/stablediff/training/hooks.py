@@ -69,19 +69,18 @@ class RunHooks(LoopHooks):
                 self.tensorboard.image("samples", grid, state.step)
 
     def _rollback(self, state: UNetTrainState, first_bad_step: int) -> None:
-        guard_cfg = self.config.guard
-        if state.rollbacks >= guard_cfg.max_rollbacks:
+        guard_cfg, done = self.config.guard, state.guard.rollbacks - 1  # the guard counts this one already
+        if done >= guard_cfg.max_rollbacks:
             raise TrainingDiverged(
-                f"training diverged again at step {state.step} after {state.rollbacks} rollbacks "
+                f"training diverged again at step {state.step} after {done} rollbacks "
                 f"(LR now x{state.lr_scale:g}). Lower train.learning_rate, raise train.warmup_steps or "
                 "set train.grad_clip; the checkpoints before the divergence are intact.")
         loaded = self.checkpointer.load_before(first_bad_step)
         train_state.restore(state, loaded.tensors, loaded.meta, rank=self.dist.rank, keep_rollback_state=True)
-        state.rollbacks += 1
         state.scale_lr(guard_cfg.lr_factor)
         self.checkpointer.mark_saved(state.step)
         message = (f"divergence: repeated bad steps since step {first_bad_step}; rolled back to "
-                   f"step {loaded.step} and lowered the LR to x{state.lr_scale:g} (rollback {state.rollbacks})")
+                   f"step {loaded.step} and lowered the LR to x{state.lr_scale:g} (rollback {done + 1})")
         if self.dist.is_main:
             print(message, file=sys.stderr, flush=True)
             self.metrics.write(event="rollback", step=loaded.step, lr_scale=state.lr_scale, reason=message)
@@ -97,6 +96,10 @@ def make_hooks(config, run_dir: Path, stage, checkpointer, metrics, resume, timi
         from stablediff.training.tensorboard import TensorBoardLog
 
         tensorboard = TensorBoardLog(run_dir / "tb")
-        metrics.mirror = lambda record: tensorboard.scalars(record["step"], record, prefix=record.get(
-            "stage", "")) if "step" in record and "event" not in record else None
+
+        def mirror(record: dict) -> None:  # per-step metrics only; events (resume, rollback) stay in the jsonl
+            if "step" in record and "event" not in record:
+                tensorboard.scalars(record["step"], record, prefix=record.get("stage", ""))
+
+        metrics.mirror = mirror
     return RunHooks(config, run_dir, stage, checkpointer, metrics, resume, timings, dist_info, tensorboard)

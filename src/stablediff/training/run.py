@@ -188,7 +188,6 @@ def build_stage2(config: RunConfig, run_dir: Path, resume, metrics: MetricsLog |
                    "vae_report": asdict(vae_report) if vae_report else None}
     if resume is not None:
         train_state.restore(state, resume.tensors, resume.meta, rank=dist_info.rank)
-        state.ema.model.to(device)
     fingerprints = {"code": train_state.code_fingerprint(), "data": train_state.data_fingerprint(images, captions),
                     "text_encoder": text_encoder.fingerprint}
     capture = partial(capture_all_ranks, state, vae, config.model_dump(mode="json"), fingerprints, dist_info)

@@ -58,7 +58,6 @@ def capture(state, vae: torch.nn.Module | None, config_dump: dict, fingerprints:
         "grad_scaler": _plain(state.precision.state_dict()),
         "guard": state.guard.state_dict() if state.guard is not None else None,
         "lr_scale": state.lr_scale,
-        "rollbacks": state.rollbacks,
         "config": config_dump,
         "fingerprints": fingerprints,
         **state.extra,
@@ -92,7 +91,7 @@ def restore(state, tensors: dict[str, torch.Tensor], meta: dict, rank: int = 0,
 
     Rank r restores its own global RNG when the checkpoint has it (saved with >= r+1
     ranks); a rank the checkpoint did not have keeps its fresh seeding. A divergence
-    rollback keeps the lowered LR and the rollback count (`keep_rollback_state`).
+    rollback keeps the lowered LR and the live guard with its rollback count (`keep_rollback_state`).
     """
     state.unet.load_state_dict(_unprefixed("unet", tensors))
     state.ema.load_state_dict(_unprefixed("ema", tensors))
@@ -113,7 +112,7 @@ def restore(state, tensors: dict[str, torch.Tensor], meta: dict, rank: int = 0,
         current, state.lr_scale = state.lr_scale, saved_scale
         state.scale_lr(current / saved_scale)
     else:
-        state.lr_scale, state.rollbacks = saved_scale, int(meta.get("rollbacks", 0))
+        state.lr_scale = saved_scale
     if rank == 0:
         restore_local_rng(_unprefixed("rng", tensors), meta["rng"])
     elif str(rank) in meta["rng"].get("ranks", {}):

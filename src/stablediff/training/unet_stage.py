@@ -45,8 +45,6 @@ class UNetTrainState:
     images_seen: int = 0
     last_loss: float = float("nan")
     lr_scale: float = 1.0  # lowered by each divergence rollback; part of the checkpoint
-    rollbacks: int = 0
-    bad_steps: list[int] = field(default_factory=list)  # recent steps the guard rejected
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -79,7 +77,7 @@ def make_train_state(unet: UNet2DConditionModel, cfg: TrainConfig, num_samples: 
                      guard_cfg: GuardConfig | None = None, bucket_ids: list[int] | None = None) -> UNetTrainState:
     device = device or torch.device("cpu")
     prepare_unet(unet, device, cfg.gradient_checkpointing, cfg.channels_last)
-    optimizer = make_optimizer(unet.parameters(), cfg.learning_rate, cfg.weight_decay, device)
+    optimizer = make_optimizer(unet.parameters(), cfg.learning_rate, cfg.weight_decay)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(step, cfg.warmup_steps, cfg.max_steps, cfg.lr_schedule))
     sampler = make_sampler(num_samples, seed, world_size, rank, bucket_ids)  # bucket_ids: one bucket per batch
@@ -127,7 +125,7 @@ def train_unet(state: UNetTrainState, data: EncodedDataset, noise_scheduler: DDP
                                         or not verdict.ok):
                 metrics.write(stage="unet", step=state.step, loss=state.last_loss, grad_norm=verdict.grad_norm,
                               lr=state.optimizer.param_groups[0]["lr"], images_per_second=round(
-                                  step_size * world_size / (time.perf_counter() - t0), 1),
+                                  len(indices) * world_size / (time.perf_counter() - t0), 1),
                               **({} if verdict.ok else {"skipped": verdict.reason}))
             if verdict.rollback:
                 if hooks.rollback is None:
@@ -152,14 +150,8 @@ def optimizer_step(state: UNetTrainState, noise_scheduler: DDPMScheduler, batch:
     overflow = state.precision.scaler is not None and not math.isfinite(grad_norm)
     verdict = StepVerdict(grad_norm=grad_norm)
     if state.guard is not None and not overflow:  # fp16 overflows are the grad scaler's business
-        judged = state.guard.check(loss, grad_norm)
-        verdict = StepVerdict(judged.ok, judged.reason, judged.action == "rollback", grad_norm=grad_norm)
-        if not judged.ok:  # remembered to find the rollback's target: the checkpoint before the first
-            state.bad_steps = [s for s in state.bad_steps if s > state.step - state.guard.within_steps]
-            state.bad_steps.append(state.step)
-            verdict.first_bad_step = state.bad_steps[0]
-        if verdict.rollback:
-            state.bad_steps = []
+        judged = state.guard.check(loss, grad_norm, step=state.step)
+        verdict = StepVerdict(judged.ok, judged.reason, judged.action == "rollback", judged.first_event, grad_norm)
     if verdict.ok:
         state.precision.step(state.optimizer)
         state.ema.update(state.unet, state.step, global_batch)
