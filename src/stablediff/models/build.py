@@ -24,13 +24,19 @@ def build_vae(cfg: VAEConfig, resolution: int, trust_pickle: bool = False) -> Au
     )
 
 
-def load_vae(folder: str, trust_pickle: bool = False) -> AutoencoderKL:
+def vae_folder(folder: str) -> Path:
+    """The diffusers VAE folder `vae.pretrained` names: the folder itself, or a pipeline's vae/."""
     path = Path(folder).expanduser()
     for candidate in (path, path / "vae"):
         if (candidate / "config.json").is_file():
-            check_model_folder(candidate, trust_pickle)
-            return AutoencoderKL.from_pretrained(candidate, local_files_only=True)
+            return candidate
     raise FileNotFoundError(f"vae.pretrained: no diffusers VAE (config.json) in {path} or {path / 'vae'}")
+
+
+def load_vae(folder: str, trust_pickle: bool = False) -> AutoencoderKL:
+    path = vae_folder(folder)
+    check_model_folder(path, trust_pickle)
+    return AutoencoderKL.from_pretrained(path, local_files_only=True)
 
 
 def vae_downscale(vae: AutoencoderKL) -> int:

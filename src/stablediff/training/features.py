@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
@@ -20,6 +19,7 @@ from diffusers import AutoencoderKL
 from stablediff.data.encoding import EncodeCounts, encode_all
 from stablediff.data.features import FeatureCache, vae_fingerprint
 from stablediff.data.loading import FramedImages
+from stablediff.models.build import vae_folder
 from stablediff.models.text_encoder import TextEncoder
 
 Posteriors = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]  # mean, std, flip_*
@@ -90,7 +90,7 @@ def bucket_step(vae_cfg) -> int:
         return 8
     channels = vae_cfg.block_out_channels
     if vae_cfg.pretrained:
-        config_file = Path(vae_cfg.pretrained).expanduser() / "config.json"
+        config_file = vae_folder(vae_cfg.pretrained) / "config.json"
         try:
             channels = json.loads(config_file.read_text())["block_out_channels"]
         except (OSError, ValueError, KeyError) as exc:
