@@ -42,7 +42,7 @@ from stablediff.data.validate import Validator, content_hash
 from stablediff.models.build import build_noise_scheduler, build_unet, build_vae, vae_downscale
 from stablediff.models.text_encoder import load_text_encoder
 from stablediff.training.objectives import diffusion_loss
-from stablediff.training.vae_stage import images_to_tensor
+from stablediff.data.transforms import pixels_to_tensor
 
 BLOCK = 5  # timed steps per mode before switching to the next
 
@@ -54,7 +54,7 @@ class Demo:
         config = load_config("digits")
         self.config = config
         train, _ = load_digits(config.data.resolution)
-        self.images = images_to_tensor(train.images)  # (N, 3, 32, 32) in [-1, 1]
+        self.images = pixels_to_tensor(train.images)  # (N, 3, 32, 32) in [-1, 1]
         self.keys = [content_hash(image.tobytes()) for image in train.images]
         self.captions = [train.captions_for(i) for i in range(len(train))]
         self.text_encoder = load_text_encoder(config.text_encoder.name, config.text_encoder.max_length)

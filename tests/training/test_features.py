@@ -15,7 +15,7 @@ from stablediff.models.build import build_vae
 from stablediff.models.text_encoder import load_text_encoder
 from stablediff.training.batches import draw_batch
 from stablediff.training.features import bucket_step, encode_dataset, encode_dataset_cached
-from stablediff.training.vae_stage import images_to_tensor
+from stablediff.data.transforms import pixels_to_tensor
 
 from tests.data.corpus import build_mixed_aspect_folder
 
@@ -26,7 +26,7 @@ def parts():
     torch.manual_seed(0)
     vae = build_vae(config.vae, 16).eval()
     train, _ = load_digits(16)
-    images = images_to_tensor(train.images[:24])
+    images = pixels_to_tensor(train.images[:24])
     captions = [train.captions_for(i) for i in range(24)]
     framed = FramedImages.square(images, [content_hash(image.tobytes()) for image in train.images[:24]])
     return vae, framed, captions, load_text_encoder("minilm", max_length=8)

@@ -6,13 +6,14 @@ stores it fills are in `features.py`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
+from collections.abc import Callable, Iterable, Sequence, Sized
 from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
 
 from stablediff.data.features import FeatureCache, LatentStore, TextStore
+from stablediff.data.ingest import chunks
 
 
 @dataclass
@@ -49,7 +50,7 @@ def encode_all(cache: FeatureCache, vae: torch.nn.Module, text_encoder, samples:
     with ExitStack() as stack:
         latents = stack.enter_context(cache.latents(vae, transform_id, fingerprint))
         text = stack.enter_context(cache.text(text_encoder)) if text_encoder is not None else None
-        for batch in _batched(samples, batch_size):
+        for batch in chunks(samples, batch_size):
             _fill_latents(latents, batch, flip, seen_keys, counts)
             if text is not None:
                 _fill_text(text, batch, seen_captions, counts)
@@ -78,15 +79,3 @@ def _fill_text(store: TextStore, batch: list[Sample], seen: set[str], counts: En
     counts.text_encoded += len(todo)
     counts.text_reused += len(fresh) - len(todo)
 
-
-def _batched(items: Iterable[Sample], size: int) -> Iterator[list[Sample]]:
-    if size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {size}")
-    batch: list[Sample] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch

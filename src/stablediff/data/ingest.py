@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image
@@ -30,6 +31,8 @@ from stablediff.data.framing import Framing, center_square
 from stablediff.data.sources.base import RawSample
 from stablediff.data.transforms import upright_rgb
 from stablediff.data.validate import ValidationConfig, Validator, Verdict, judge_image
+
+T = TypeVar("T")
 
 CHUNK_SIZE = 8  # samples per task: amortises the inter-process round trip
 PREFETCH_CHUNKS = 2  # per worker, as torch's DataLoader prefetch_factor
@@ -103,7 +106,7 @@ def _pooled(samples: Iterable[RawSample], task: IngestTask,
     pending: deque[tuple[list[RawSample], Future]] = deque()
     pool = ProcessPoolExecutor(num_workers, mp_context=_context())
     try:
-        for chunk in _chunks(samples, CHUNK_SIZE):
+        for chunk in chunks(samples, CHUNK_SIZE):
             pending.append((chunk, pool.submit(_prepare_chunk, chunk, task)))
             if len(pending) >= num_workers * PREFETCH_CHUNKS:
                 yield from _results(pending.popleft())
@@ -118,10 +121,13 @@ def _results(entry: tuple[list[RawSample], Future]) -> Iterator[tuple[RawSample,
     yield from zip(chunk, future.result())
 
 
-def _chunks(samples: Iterable[RawSample], size: int) -> Iterator[list[RawSample]]:
-    chunk: list[RawSample] = []
-    for sample in samples:
-        chunk.append(sample)
+def chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Consecutive lists of `size` items (the last may be shorter), read lazily."""
+    if size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {size}")
+    chunk: list[T] = []
+    for item in items:
+        chunk.append(item)
         if len(chunk) == size:
             yield chunk
             chunk = []
