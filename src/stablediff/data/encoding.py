@@ -32,7 +32,7 @@ Sample = tuple[str, torch.Tensor, Sequence[str]]  # (content hash, image (3, H, 
 def encode_all(cache: FeatureCache, vae: torch.nn.Module, text_encoder, samples: Iterable[Sample],
                transform_id: str, *, flip: bool = False, batch_size: int = 64,
                progress: Callable[[int, int | None], None] | None = None,
-               fingerprint: str | None = None) -> EncodeCounts:
+               fingerprint: str | None = None, latents: LatentStore | None = None) -> EncodeCounts:
     """Fill both namespaces for `samples`, encoding only what is not cached; resumable after a crash.
 
     Batches are fixed blocks of `samples` in order; a block with any uncached sample goes
@@ -40,7 +40,9 @@ def encode_all(cache: FeatureCache, vae: torch.nn.Module, text_encoder, samples:
     fill that was killed and run again leaves a cache bitwise equal to an uninterrupted one.
     `text_encoder=None` fills only the latents. `progress(done, total)` is called after each
     batch (`total` is None for an unsized iterable). `fingerprint` is the VAE's, when the
-    caller has it already (hashing a large VAE's weights takes a while).
+    caller has it already (hashing a large VAE's weights takes a while). `latents`: the
+    namespace's store, when the caller holds it open to read the rows back (its shards are
+    then verified and decoded once).
     """
     counts = EncodeCounts()
     total = len(samples) if isinstance(samples, Sized) else None
@@ -48,7 +50,8 @@ def encode_all(cache: FeatureCache, vae: torch.nn.Module, text_encoder, samples:
     seen_captions: set[str] = set()
     done = 0
     with ExitStack() as stack:
-        latents = stack.enter_context(cache.latents(vae, transform_id, fingerprint))
+        if latents is None:
+            latents = stack.enter_context(cache.latents(vae, transform_id, fingerprint))
         text = stack.enter_context(cache.text(text_encoder)) if text_encoder is not None else None
         for batch in chunks(samples, batch_size):
             _fill_latents(latents, batch, flip, seen_keys, counts)

@@ -162,13 +162,14 @@ def encode_dataset_cached(vae: AutoencoderKL, framed: FramedImages, captions: li
     def encode(bucket: int, variant: int, members: list[int], crops: torch.Tensor) -> Posteriors:
         transform_id = framed.framing.transform_id(bucket, variant)
         keys = [framed.keys[i] for i in members]
-        done = encode_all(cache, vae, None, [(k, image, ()) for k, image in zip(keys, crops)], transform_id,
-                          flip=flip, batch_size=batch_size, fingerprint=fingerprint)
+        with cache.latents(vae, transform_id, fingerprint) as latents:  # one store: shards verified once
+            done = encode_all(cache, vae, None, [(k, image, ()) for k, image in zip(keys, crops)], transform_id,
+                              flip=flip, batch_size=batch_size, fingerprint=fingerprint, latents=latents)
+            flipped = latents.get(keys, flipped=True) if flip else (None, None)
+            mean_std = latents.get(keys)
         counts.latents_encoded += done.latents_encoded
         counts.latents_reused += done.latents_reused
-        latents = cache.latents(vae, transform_id, fingerprint)
-        flipped = latents.get(keys, flipped=True) if flip else (None, None)
-        return (*latents.get(keys), *flipped)
+        return (*mean_std, *flipped)
 
     distinct, _ = caption_table(captions)
     with cache.text(text_encoder) as text:
