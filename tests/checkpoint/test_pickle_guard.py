@@ -42,3 +42,12 @@ def test_safetensors_passes_even_with_a_pickle_suffix(tmp_path):
     path = tmp_path / "diffusion_pytorch_model.bin"
     save_file({"w": torch.ones(2)}, str(path))
     assert refuse_pickle(path) == "safetensors"
+
+
+def test_a_protocol_0_pickle_under_any_name_is_refused(tmp_path):
+    import pickle
+
+    path = tmp_path / "weights.model"
+    path.write_bytes(pickle.dumps({"w": [1.0]}, protocol=0))  # no magic bytes to recognise it by
+    with pytest.raises(PickleRefusedError, match="pickle-based"):
+        refuse_pickle(path)

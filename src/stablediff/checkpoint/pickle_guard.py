@@ -35,7 +35,9 @@ def refuse_pickle(path: str | os.PathLike, trust_pickle: bool = False) -> str:
     path = os.fspath(path)
     with fsspec.open(path, "rb") as f:
         kind = sniff_format(f.read(16))
-    is_pickle = kind in ("zip", "pickle") or (kind == "unknown" and path.lower().endswith(PICKLE_SUFFIXES))
+    # Protocol 0/1 pickles have no magic bytes: a file we cannot recognise is treated as a pickle
+    # unless it claims to be safetensors (then reading its header says what is wrong with it).
+    is_pickle = kind in ("zip", "pickle") or (kind == "unknown" and not path.lower().endswith(".safetensors"))
     if is_pickle and not trust_pickle:
         raise PickleRefusedError(
             f"{path} is a pickle-based checkpoint ({kind} format); loading it can run arbitrary "
