@@ -26,8 +26,10 @@ tokenizer_option = click.option("--tokenizer", type=click.Path(path_type=Path, e
 
 def is_model_target(target: str) -> bool:
     """A model file or diffusers folder (for `ckpt info`), as opposed to a run directory or store."""
+    from stablediff.models.model_file import is_diffusers_folder  # torch: only when the command runs
+
     path = Path(target)
-    return (path.is_file() and path.suffix.lower() in MODEL_SUFFIXES) or (path / "model_index.json").is_file()
+    return (path.is_file() and path.suffix.lower() in MODEL_SUFFIXES) or is_diffusers_folder(path)
 
 
 def check_out(out: Path, force: bool) -> None:

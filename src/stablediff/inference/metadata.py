@@ -23,6 +23,8 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
+from stablediff.models.file_hash import file_hashes
+
 PARAMETERS_KEY = "parameters"
 LOCATIONS_KEY = "stablediff"
 SHORT_HASH_LENGTH = 10
@@ -115,11 +117,7 @@ def file_short_hash(path: Path) -> str:
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _HASH_CACHE:
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        _HASH_CACHE[key] = digest.hexdigest()[:SHORT_HASH_LENGTH]
+        _HASH_CACHE[key] = file_hashes(path)["autov2"]
     return _HASH_CACHE[key]
 
 

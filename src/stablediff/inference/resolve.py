@@ -95,7 +95,6 @@ def load_source(source: ModelSource, trust_pickle: bool = False):
         from stablediff.models.run_export import pipeline_from_run
 
         pipe = pipeline_from_run(source.path, step=source.step, best=source.best, trust_pickle=trust_pickle)
-    pipe.set_progress_bar_config(disable=True)
     return pipe
 
 

@@ -46,10 +46,6 @@ SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
 )}
 
 
-def sampler_names() -> list[str]:
-    return list(SAMPLERS)
-
-
 # A1111's display names, so its images' infotext ("Sampler: DPM++ 2M Karras") reads back.
 A1111_NAMES = {"DDPM": "ddpm", "DDIM": "ddim", "PLMS": "pndm", "Euler": "euler", "Euler a": "euler_a",
                "Heun": "heun", "LMS": "lms", "DPM++ 2M": "dpmpp_2m", "DPM++ 2M Karras": "dpmpp_2m_karras",

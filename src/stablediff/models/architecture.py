@@ -17,7 +17,7 @@ import math
 import re
 
 from stablediff.models.keymap import (CLIP_PREFIX, LEGACY_CLIP_PREFIX, OPEN_CLIP_PREFIX, TEXT_PREFIX, UNET_PREFIX,
-                                      VAE_PREFIX, Layout, UNetLayout, VAELayout)
+                                      VAE_PREFIX, UNetLayout, VAELayout)
 
 Shapes = dict[str, tuple[int, ...]]
 SD_NORM_GROUPS = 32
@@ -78,10 +78,6 @@ def vae_layout(shapes: Shapes) -> VAELayout:
     if not levels or not per:
         raise ValueError("the VAE has no encoder.down.N.block.M tensors; this is not an SD 1.x/2.x autoencoder")
     return VAELayout(len(levels), len(per))
-
-
-def layout(shapes: Shapes, text_kind: str) -> Layout:
-    return Layout(unet_layout(shapes), vae_layout(shapes), "clip" if text_kind == "clip" else "hf")
 
 
 def _heads(cross_attention_dim: int, channels: list[int]) -> int | list[int]:

@@ -17,8 +17,6 @@ from stablediff.checkpoint.pickle_guard import refuse_pickle
 
 META = "stablediff."  # prefix of the metadata entries our exports add (configs, tokenizer, recipe)
 _HEADER_LIMIT = 100 * 1024 * 1024  # the safetensors format's own bound on the JSON header
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 
 
 def read_header(path: Path) -> tuple[dict[str, dict], dict[str, str]]:
