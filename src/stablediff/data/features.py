@@ -27,9 +27,7 @@ The index is rewritten per shard, which is fine to ~10^5-10^6 keys per namespace
 from __future__ import annotations
 
 import json
-import os
 import re
-import uuid
 import warnings
 from collections import OrderedDict
 from collections.abc import Collection, Iterable, Iterator, Sequence
@@ -42,6 +40,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from stablediff.checkpoint._fs import LocalFS, is_temp
+
 try:  # POSIX; elsewhere writers are not serialised (one writer per namespace, as documented)
     import fcntl
 except ImportError:  # pragma: no cover - Windows
@@ -50,7 +50,6 @@ except ImportError:  # pragma: no cover - Windows
 FORMAT = 1
 INDEX = "index.json"
 LOCK = ".lock"
-TEMP_MARKER = ".tmp-"  # `<final name>.tmp-<pid>-<random>`: never read, removed by the next writer
 DEFAULT_SHARD_SIZE = 1024
 DEFAULT_MAX_CACHED_BYTES = 1 << 30  # decoded shards kept in memory per store
 LATENT_TENSORS = frozenset({"mean", "std"})
@@ -97,30 +96,9 @@ def _path_component(text: str) -> str:
     return text if _SAFE_COMPONENT.fullmatch(text) else "h-" + blake3.blake3(text.encode()).hexdigest()[:24]
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename durable: without it the new name can vanish after a power loss."""
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Temp name, fsync, rename, fsync the directory: readers see the old file or the whole new one."""
-    temp = path.with_name(f"{path.name}{TEMP_MARKER}{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(temp, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    """The checkpoint store's commit: temp name, fsync, rename, fsync the directory."""
+    LocalFS(str(path.parent)).write_atomic(path.name, data)
 
 
 @contextmanager
@@ -211,7 +189,7 @@ class _ShardedStore:
     def _remove_temps(self) -> None:
         """Temps are written only under the lock, so any found while holding it are a crash's leftovers."""
         for path in self.directory.iterdir():
-            if TEMP_MARKER in path.name:
+            if is_temp(path.name):  # `<final name>.tmp-<pid>-<random>`: never read
                 path.unlink(missing_ok=True)
 
     # -- writing ---------------------------------------------------------------------------------
