@@ -106,7 +106,7 @@ def caption_table(captions: list[list[str]]) -> tuple[list[str], list[list[int]]
     return list(table), caption_ids
 
 
-def assemble(framed: FramedImages, embeddings: torch.Tensor, captions: list[list[str]], bucketed: bool,
+def assemble(framed: FramedImages, embeddings: torch.Tensor, caption_ids: list[list[int]], bucketed: bool,
              encode: Callable[[int, int, list[int], torch.Tensor], Posteriors]) -> EncodedDataset:
     """Per bucket, stack `encode(bucket, variant, members, crops)` over the crop variants."""
     bucket_of = torch.tensor(framed.bucket_ids, dtype=torch.long)
@@ -121,7 +121,6 @@ def assemble(framed: FramedImages, embeddings: torch.Tensor, captions: list[list
         bucket_of[members] = len(groups)  # buckets no sample fell in are left out
         stacked = [None if parts[0] is None else torch.stack(parts) for parts in zip(*per_variant)]
         groups.append(LatentBucket(framed.framing.sizes[bucket], *stacked))
-    _, caption_ids = caption_table(captions)
     return EncodedDataset(groups, bucket_of, row_of, embeddings, caption_ids, bucketed)
 
 
@@ -135,8 +134,8 @@ def encode_dataset(vae: AutoencoderKL, framed: FramedImages, captions: list[list
         mean, std = _encode(vae, crops, batch_size)
         return (mean, std, *_encode(vae, crops.flip(-1), batch_size)) if flip else (mean, std, None, None)
 
-    distinct, _ = caption_table(captions)
-    return assemble(framed, text_encoder.encode(distinct), captions, bucketed, encode)
+    distinct, caption_ids = caption_table(captions)
+    return assemble(framed, text_encoder.encode(distinct), caption_ids, bucketed, encode)
 
 
 def _encode(vae: AutoencoderKL, images: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,7 +170,7 @@ def encode_dataset_cached(vae: AutoencoderKL, framed: FramedImages, captions: li
         counts.latents_reused += done.latents_reused
         return (*mean_std, *flipped)
 
-    distinct, _ = caption_table(captions)
+    distinct, caption_ids = caption_table(captions)
     with cache.text(text_encoder) as text:
         missing = text.missing(distinct)
         text.add(missing)
@@ -179,4 +178,4 @@ def encode_dataset_cached(vae: AutoencoderKL, framed: FramedImages, captions: li
     used = {c for variants in captions for c in variants}  # "" counts only when a sample uses it
     counts.text_encoded = sum(c in used for c in missing)
     counts.text_reused = len(used) - counts.text_encoded
-    return assemble(framed, embeddings, captions, bucketed, encode), counts
+    return assemble(framed, embeddings, caption_ids, bucketed, encode), counts
