@@ -89,6 +89,19 @@ def test_a_mask_without_an_init_image_is_a_usage_error(model, tmp_path):
     assert result.returncode == 2 and "--mask needs --init" in result.stderr
 
 
+@pytest.mark.parametrize("args, message", [
+    (["MODEL", "x", "--strength", "0.5"], "--strength applies to img2img"),
+    (["--from-png", "IMG", "MODEL", "a prompt"], "with --from-png give at most MODEL"),
+    (["MODEL"], "give MODEL and PROMPT"),
+], ids=["strength-without-init", "from-png-with-prompt", "no-prompt"])
+def test_misused_options_are_usage_errors(model, tmp_path, args, message):
+    image = tmp_path / "any.png"
+    Image.new("RGB", (16, 16)).save(image)
+    args = [str(model) if a == "MODEL" else str(image) if a == "IMG" else a for a in args]
+    result = run_cli("generate", *args)
+    assert result.returncode == 2 and message in result.stderr
+
+
 def test_a_single_file_model_generates_what_its_diffusers_folder_does(model, tmp_path):
     from stablediff.inference.pipeline import load_pipeline_folder
     from stablediff.models.single_file import save_single_file

@@ -71,3 +71,11 @@ def test_inpainting_keeps_unmasked_pixels_and_redraws_masked_ones(loaded):
 def test_a_size_the_model_cannot_make_is_refused_with_one_that_fits(loaded):
     with pytest.raises(ValueError, match="size 22x22 does not fit.*multiples of 8.*--size 24x24"):
         loaded.txt2img(PROMPT, steps=2, size=(22, 22))
+
+
+@pytest.mark.parametrize("strength", [0.0, 1.5])
+def test_a_strength_outside_zero_to_one_is_refused(strength):
+    from stablediff.inference.pipeline import check_strength
+
+    with pytest.raises(ValueError, match=r"outside \(0, 1\]"):
+        check_strength(strength, 20)

@@ -84,3 +84,11 @@ def test_lora_adapters_are_written_in_the_format_diffusers_loads(tmp_path):
 def _json_ready(config: dict) -> dict:
     return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()
             if isinstance(v, (str, int, float, bool, list, set, type(None)))}
+
+
+def test_step_and_best_together_are_refused(tmp_path):
+    from stablediff.checkpoint import CheckpointStore
+    from stablediff.models.run_export import choose_step
+
+    with pytest.raises(ValueError, match="either --step or --best, not both"):
+        choose_step(CheckpointStore(tmp_path / "checkpoints"), step=3, best=True)
