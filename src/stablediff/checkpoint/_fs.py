@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import errno
+import math
 import os
 import posixpath
 import uuid
@@ -66,6 +67,11 @@ class StoreFS(abc.ABC):
     def remove(self, rel: str) -> None:
         """Delete the file; a file that is already gone is not an error."""
 
+    def touch(self, rel: str) -> bool:
+        """Set the file's mtime to now (gc's grace counts from a chunk's last use);
+        False if the file is gone. Where the filesystem cannot, it does nothing."""
+        return True
+
 
 class LocalFS(StoreFS):
     """A local directory, through `os`, with real file and directory fsyncs."""
@@ -107,13 +113,13 @@ class LocalFS(StoreFS):
             while view:
                 written = os.write(fd, view)
                 view = view[written:]
-            os.fsync(fd)
+            _fsync_file(fd, tmp)
         except BaseException:
             os.close(fd)
             _remove_quietly(tmp)
             raise
         os.close(fd)
-        os.replace(tmp, final)
+        _rename(tmp, final)
         if sync_dir:
             _fsync_dir(self._abs(rel_dir))
 
@@ -162,6 +168,13 @@ class LocalFS(StoreFS):
 
     def remove(self, rel: str) -> None:
         _remove_quietly(self._abs(rel))
+
+    def touch(self, rel: str) -> bool:
+        try:
+            os.utime(self._abs(rel))
+        except FileNotFoundError:
+            return False
+        return True
 
 
 class FsspecFS(StoreFS):
@@ -260,7 +273,19 @@ def _mtime(fs: fsspec.AbstractFileSystem, path: str, info: dict) -> float:
     try:
         return fs.modified(path).timestamp()
     except (NotImplementedError, OSError, AttributeError):
-        return 0.0  # unknown age: treated as old, which only matters for gc's grace period
+        # Unknown age counts as young: gc must never collect a chunk that a save in
+        # flight may have just reused. Only gc's grace period reads this.
+        return math.inf
+
+
+# The durability steps of a commit, as named functions so that a test can record
+# their order (tests/checkpoint/test_commit_order.py).
+def _fsync_file(fd: int, path: str) -> None:
+    os.fsync(fd)
+
+
+def _rename(src: str, dst: str) -> None:
+    os.replace(src, dst)
 
 
 def _fsync_dir(path: str) -> None:

@@ -134,7 +134,7 @@ def gc(store: CheckpointStore, grace_s: float = DEFAULT_GC_GRACE_S) -> GcReport:
         if mtime > cutoff:
             report.young_files_kept += 1
             continue
-        store.remove_file(store.object_rel(digest))
+        store.remove_chunk(digest)
         report.chunks_removed += 1
         report.bytes_freed += size
     for rel, mtime in temps:
