@@ -201,10 +201,10 @@ class AsyncCheckpointer:
         stats.replicate_s = time.perf_counter() - mark
         mark = time.perf_counter()
         if self.retention is not None:
-            self.retention.apply(self.primary)
+            self._apply_retention(self.primary)
             for replica in self.replicas:
                 if replica.location not in self.behind:
-                    self._guard_replica(replica, "retention", lambda r=replica: self.retention.apply(r))
+                    self._guard_replica(replica, "retention", lambda r=replica: self._apply_retention(r))
         stats.retention_s = time.perf_counter() - mark
         stats.write_s = time.perf_counter() - started
         stats.replicas_behind = sorted(self.behind)
@@ -221,6 +221,12 @@ class AsyncCheckpointer:
                 f"({shown}): their bytes on disk did not match, so they were rewritten from memory; "
                 f"older checkpoints that share them are whole again"
             )
+
+    def _apply_retention(self, store: CheckpointStore) -> None:
+        assert self.retention is not None
+        report = self.retention.apply(store)
+        if report.held_reason:
+            self._log(f"checkpoint: {report.held_reason}")
 
     def _replicate(self, replica: CheckpointStore) -> None:
         # sync copies whatever the replica misses, so one that was behind catches up here.
