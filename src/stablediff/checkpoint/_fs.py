@@ -103,11 +103,11 @@ class LocalFS(StoreFS):
         final = self._abs(rel)
         tmp = temp_name(final)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = _create(tmp)
         except FileNotFoundError:  # directory removed behind our back: recreate once
             self._made_dirs.clear()
             self._ensure_dir(rel_dir)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = _create(tmp)
         try:
             view = memoryview(data).cast("B")
             while view:
@@ -278,8 +278,12 @@ def _mtime(fs: fsspec.AbstractFileSystem, path: str, info: dict) -> float:
         return math.inf
 
 
-# The durability steps of a commit, as named functions so that a test can record
-# their order (tests/checkpoint/test_commit_order.py).
+# The steps of a commit, as named functions so that a test can record their order
+# (tests/checkpoint/test_commit_order.py).
+def _create(path: str) -> int:
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+
+
 def _fsync_file(fd: int, path: str) -> None:
     os.fsync(fd)
 
