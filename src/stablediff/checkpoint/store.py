@@ -174,9 +174,10 @@ class CheckpointStore:
         self._fs.write_atomic(self.object_rel(hash_hex), data, sync_dir=sync_dir)
         self.known_good.add(hash_hex)
 
-    def same_bytes_on_disk(self, hash_hex: str, data: memoryview) -> bool:
-        """Whether the stored chunk holds exactly `data` (whose hash is `hash_hex`)."""
-        on_disk = bytearray(len(data))
+    def same_bytes_on_disk(self, hash_hex: str, data: memoryview, scratch: bytearray | None = None) -> bool:
+        """Whether the stored chunk holds exactly `data` (whose hash is `hash_hex`); `scratch`,
+        when it has data's length, is reused to read into."""
+        on_disk = scratch if scratch is not None and len(scratch) == len(data) else bytearray(len(data))
         try:
             actual = self._fs.read_into(self.object_rel(hash_hex), memoryview(on_disk))
         except FileNotFoundError:
