@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import errno
+import math
 import os
 import posixpath
 import uuid
@@ -66,6 +67,11 @@ class StoreFS(abc.ABC):
     def remove(self, rel: str) -> None:
         """Delete the file; a file that is already gone is not an error."""
 
+    def touch(self, rel: str) -> bool:
+        """Set the file's mtime to now (gc's grace counts from a chunk's last use);
+        False if the file is gone. Where the filesystem cannot, it does nothing."""
+        return True
+
 
 class LocalFS(StoreFS):
     """A local directory, through `os`, with real file and directory fsyncs."""
@@ -97,23 +103,23 @@ class LocalFS(StoreFS):
         final = self._abs(rel)
         tmp = temp_name(final)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = _create(tmp)
         except FileNotFoundError:  # directory removed behind our back: recreate once
             self._made_dirs.clear()
             self._ensure_dir(rel_dir)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = _create(tmp)
         try:
             view = memoryview(data).cast("B")
             while view:
                 written = os.write(fd, view)
                 view = view[written:]
-            os.fsync(fd)
+            _fsync_file(fd, tmp)
         except BaseException:
             os.close(fd)
             _remove_quietly(tmp)
             raise
         os.close(fd)
-        os.replace(tmp, final)
+        _rename(tmp, final)
         if sync_dir:
             _fsync_dir(self._abs(rel_dir))
 
@@ -162,6 +168,13 @@ class LocalFS(StoreFS):
 
     def remove(self, rel: str) -> None:
         _remove_quietly(self._abs(rel))
+
+    def touch(self, rel: str) -> bool:
+        try:
+            os.utime(self._abs(rel))
+        except FileNotFoundError:
+            return False
+        return True
 
 
 class FsspecFS(StoreFS):
@@ -260,7 +273,23 @@ def _mtime(fs: fsspec.AbstractFileSystem, path: str, info: dict) -> float:
     try:
         return fs.modified(path).timestamp()
     except (NotImplementedError, OSError, AttributeError):
-        return 0.0  # unknown age: treated as old, which only matters for gc's grace period
+        # Unknown age counts as young: gc must never collect a chunk that a save in
+        # flight may have just reused. Only gc's grace period reads this.
+        return math.inf
+
+
+# The steps of a commit, as named functions so that a test can record their order
+# (tests/checkpoint/test_commit_order.py).
+def _create(path: str) -> int:
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+
+
+def _fsync_file(fd: int, path: str) -> None:
+    os.fsync(fd)
+
+
+def _rename(src: str, dst: str) -> None:
+    os.replace(src, dst)
 
 
 def _fsync_dir(path: str) -> None:

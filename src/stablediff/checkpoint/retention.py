@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Iterable, Literal
 
 from .errors import CheckpointError, ManifestError
 from .manifest import ManifestSummary
+from .retention_guard import guard_deletions
 
 if TYPE_CHECKING:
     from .store import CheckpointStore
@@ -52,13 +53,21 @@ class RetentionPolicy:
     def apply(self, store: CheckpointStore, grace_s: float = 0.0) -> RetentionReport:
         """Delete the manifests this policy drops, then collect their chunks.
 
+        A deletion happens only while a newer kept checkpoint is known good
+        (`retention_guard`); the report lists what was held back and why.
         grace_s=0 is right for the trainer's own writer, which runs this after its
         save committed; pass DEFAULT_GC_GRACE_S when another process may be saving.
         """
-        deleted = select_to_delete(store.list(), self)
-        for step in deleted:
+        summaries = store.list()
+        chosen = select_to_delete(summaries, self)
+        kept = [s.step for s in summaries if s.valid and s.step not in chosen]
+        decision = guard_deletions(store, chosen, kept)
+        for step in decision.delete:
             store.delete_manifest(step)
-        return RetentionReport(deleted, gc(store, grace_s=grace_s))
+        report = RetentionReport(decision.delete, held_back=decision.held_back,
+                                 held_reason=decision.reason(store.location))
+        report.gc = gc(store, grace_s=grace_s)
+        return report
 
 
 def best_steps(summaries: Iterable[ManifestSummary], policy: RetentionPolicy) -> list[int]:
@@ -98,6 +107,8 @@ class GcReport:
 class RetentionReport:
     deleted_steps: list[int]
     gc: GcReport = field(default_factory=GcReport)
+    held_back: list[int] = field(default_factory=list)  # chosen, but no newer kept one is known good
+    held_reason: str | None = None
 
 
 def referenced_chunks(store: CheckpointStore) -> set[str]:
@@ -134,7 +145,7 @@ def gc(store: CheckpointStore, grace_s: float = DEFAULT_GC_GRACE_S) -> GcReport:
         if mtime > cutoff:
             report.young_files_kept += 1
             continue
-        store.remove_file(store.object_rel(digest))
+        store.remove_chunk(digest)
         report.chunks_removed += 1
         report.bytes_freed += size
     for rel, mtime in temps:

@@ -7,9 +7,10 @@ Layout:
 A save writes every new chunk durably (temp name, fsync, rename, directory
 fsync) and only then the manifest, the same way. A crash at any instant
 therefore leaves either the complete new checkpoint or none of it, and the
-older ones untouched. A chunk that already exists (with the right size) is
-never written again, so tensors that did not change since any earlier
-checkpoint cost no bytes; only a damaged, wrong-sized copy gets replaced.
+older ones untouched. A chunk that already exists is not written again, so
+tensors that did not change since any earlier checkpoint cost no bytes; the
+first time a process reuses one it checks the bytes and heals a damaged copy
+(see `dedup`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import fsspec
 
 from ._codec import tensor_bytes
 from ._fs import is_temp, open_store_fs
+from .dedup import ChunkCounts, ChunkPlacer
 from .errors import CheckpointError, ChunkError, ManifestError
 from .manifest import Manifest, ManifestSummary, TensorEntry, build_manifest, parse_manifest
 
@@ -49,7 +51,13 @@ def check_step(step: Any) -> int:
 
 class CheckpointStore:
     """One store: `save`, `load`, `list`, `verify`; plus the chunk/manifest primitives
-    that retention, replication and repair are built from."""
+    that retention, replication and repair are built from.
+
+    An instance remembers which chunks it knows are good (`known_good`: written,
+    compared or read and verified by it), so use one instance per location in a
+    process. `check_reused=False` trusts a present chunk's size, as stablediff did
+    before it healed chunks; it exists for the benchmark's baseline only.
+    """
 
     def __init__(
         self,
@@ -57,6 +65,7 @@ class CheckpointStore:
         *,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         fs: fsspec.AbstractFileSystem | None = None,
+        check_reused: bool = True,
     ):
         if chunk_bytes <= 0:
             raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
@@ -64,6 +73,9 @@ class CheckpointStore:
         # No I/O here: a replica on a missing mount must not fail construction.
         self._fs = open_store_fs(location, fs)
         self.location = self._fs.location
+        self.check_reused = check_reused
+        self.known_good: set[str] = set()
+        self.last_save: ChunkCounts | None = None  # what the newest `save` did with its chunks
 
     def __repr__(self) -> str:
         return f"CheckpointStore({self.location!r})"
@@ -141,6 +153,7 @@ class CheckpointStore:
 
     def read_chunk_into(self, hash_hex: str, out: memoryview) -> None:
         """Fill `out` with the chunk and check it against its name; ChunkError if bad."""
+        self.known_good.discard(hash_hex)
         try:
             actual = self._fs.read_into(self.object_rel(hash_hex), out)
         except FileNotFoundError:
@@ -149,6 +162,7 @@ class CheckpointStore:
             raise ChunkError(hash_hex, f"truncated or the wrong size ({actual} bytes, expected {len(out)})")
         if chunk_hash(out) != hash_hex:
             raise ChunkError(hash_hex, "corrupt (its bytes do not match its hash)")
+        self.known_good.add(hash_hex)
 
     def read_chunk(self, hash_hex: str, size: int) -> bytearray:
         out = bytearray(size)
@@ -158,6 +172,25 @@ class CheckpointStore:
     def put_chunk(self, hash_hex: str, data: memoryview | bytes, *, sync_dir: bool = True) -> None:
         """Write one chunk durably under its hash (replacing a damaged copy if present)."""
         self._fs.write_atomic(self.object_rel(hash_hex), data, sync_dir=sync_dir)
+        self.known_good.add(hash_hex)
+
+    def same_bytes_on_disk(self, hash_hex: str, data: memoryview, scratch: bytearray | None = None) -> bool:
+        """Whether the stored chunk holds exactly `data` (whose hash is `hash_hex`); `scratch`,
+        when it has data's length, is reused to read into."""
+        on_disk = scratch if scratch is not None and len(scratch) == len(data) else bytearray(len(data))
+        try:
+            actual = self._fs.read_into(self.object_rel(hash_hex), memoryview(on_disk))
+        except FileNotFoundError:
+            return False
+        return actual == len(data) and on_disk == data  # bytearray == buffer is a memcmp
+
+    def touch_chunk(self, hash_hex: str) -> bool:
+        """Mark a chunk as referenced now (gc's grace); False if it is gone."""
+        return self._fs.touch(self.object_rel(hash_hex))
+
+    def remove_chunk(self, hash_hex: str) -> None:
+        self.known_good.discard(hash_hex)
+        self._fs.remove(self.object_rel(hash_hex))
 
     def sync_object_dirs(self, hashes: Iterable[str]) -> None:
         """Make chunk renames durable, one directory fsync per fan-out directory."""
@@ -182,10 +215,8 @@ class CheckpointStore:
         Saving a step that already exists replaces that checkpoint.
         """
         step = check_step(step)
-        existing = self.object_sizes()  # one listing instead of one stat per chunk
+        placer = ChunkPlacer(self, self.object_sizes())  # one listing instead of one stat per chunk
         entries: dict[str, TensorEntry] = {}
-        written: list[str] = []
-        bytes_new = 0
         for name, value in tensors.items():
             if not isinstance(name, str) or not name:
                 raise CheckpointError(f"tensor names must be non-empty strings, got {name!r}")
@@ -193,16 +224,12 @@ class CheckpointStore:
             hashes = []
             for start in range(0, len(data), self.chunk_bytes):
                 piece = data[start : start + self.chunk_bytes]
-                digest = chunk_hash(piece)
-                if existing.get(digest) != len(piece):
-                    self.put_chunk(digest, piece, sync_dir=False)
-                    existing[digest] = len(piece)
-                    written.append(digest)
-                    bytes_new += len(piece)
-                hashes.append(digest)
+                hashes.append(chunk_hash(piece))
+                placer.place(hashes[-1], piece)
             entries[name] = TensorEntry(dtype, shape, len(data), tuple(hashes))
-        self.sync_object_dirs(written)
-        manifest = build_manifest(step, self.chunk_bytes, entries, meta, metrics, bytes_new)
+        placer.finish()
+        self.last_save = placer.counts
+        manifest = build_manifest(step, self.chunk_bytes, entries, meta, metrics, placer.counts.bytes_new)
         self.write_manifest(manifest)
         return manifest
 

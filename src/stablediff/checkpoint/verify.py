@@ -1,8 +1,9 @@
 """`verify`: check a store without loading it into memory.
 
-Shallow: every manifest passes its checksum and every chunk it names exists
-with the right size (a listing, no reads). Deep: every chunk is also read and
-re-hashed, which finds bit rot that leaves the size unchanged.
+Shallow (`ckpt verify --quick`, `ckpt list`): every manifest passes its checksum
+and every chunk it names exists with the right size (a listing, no reads). Deep
+(`ckpt verify`): every chunk is also read and re-hashed, which finds bit rot that
+leaves the size unchanged.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ class VerifyReport:
     def ok(self) -> bool:
         return not self.bad_manifests and not self.chunk_problems
 
+    def chunk_problems_of(self, step: int) -> list[ChunkProblem]:
+        return [p for p in self.chunk_problems if step in p.steps]
+
     @property
     def damaged_steps(self) -> list[int]:
         steps = set(self.bad_manifests)
@@ -52,12 +56,15 @@ class VerifyReport:
         for p in self.chunk_problems:
             steps = ", ".join(map(str, p.steps))
             out.append(f"chunk {p.chunk_hash[:12]}… ({p.expected_size} bytes) is {p.problem}; needed by step {steps}")
-        mode = "deep" if self.deep else "shallow"
+        how = "checked by re-hashing" if self.deep else "checked for presence and size only"
         out.append(
-            f"{mode} verify of {self.location}: {len(self.steps_ok)} checkpoints ok, "
-            f"{len(self.damaged_steps)} damaged, {self.chunks_checked} chunks checked, "
+            f"verify of {self.location}: {len(self.steps_ok)} checkpoints ok, "
+            f"{len(self.damaged_steps)} damaged, {self.chunks_checked} chunks {how}, "
             f"{self.orphan_chunks} unreferenced chunks, {self.temp_files} temp files"
         )
+        if self.orphan_chunks or self.temp_files:
+            out.append("unreferenced chunks and temp files are left by interrupted saves; "
+                       "`stablediff ckpt gc` removes them")
         return out
 
 

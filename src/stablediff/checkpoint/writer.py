@@ -40,6 +40,8 @@ class SaveStats:
     retention_s: float | None = None
     write_s: float | None = None  # background total
     bytes_new: int | None = None
+    chunks_checked: int | None = None  # reused chunks compared with memory (first reuse in this process)
+    chunks_healed: int | None = None  # present but damaged: rewritten from memory
     replicas_behind: list[str] = field(default_factory=list)
 
 
@@ -191,6 +193,7 @@ class AsyncCheckpointer:
         started = time.perf_counter()
         manifest = self.primary.save(step, snapshot, meta, metrics)
         stats.bytes_new = manifest.bytes_new
+        self._note_chunks(stats)
         stats.primary_s = time.perf_counter() - started
         mark = time.perf_counter()
         for replica in self.replicas:
@@ -198,13 +201,32 @@ class AsyncCheckpointer:
         stats.replicate_s = time.perf_counter() - mark
         mark = time.perf_counter()
         if self.retention is not None:
-            self.retention.apply(self.primary)
+            self._apply_retention(self.primary)
             for replica in self.replicas:
                 if replica.location not in self.behind:
-                    self._guard_replica(replica, "retention", lambda r=replica: self.retention.apply(r))
+                    self._guard_replica(replica, "retention", lambda r=replica: self._apply_retention(r))
         stats.retention_s = time.perf_counter() - mark
         stats.write_s = time.perf_counter() - started
         stats.replicas_behind = sorted(self.behind)
+
+    def _note_chunks(self, stats: SaveStats) -> None:
+        counts = self.primary.last_save
+        if counts is None:
+            return
+        stats.chunks_checked, stats.chunks_healed = counts.checked, len(counts.healed)
+        if counts.healed:
+            shown = ", ".join(f"{h[:12]}…" for h in counts.healed[:5])
+            self._log(
+                f"checkpoint: healed {len(counts.healed)} damaged chunk(s) in {self.primary.location} "
+                f"({shown}): their bytes on disk did not match, so they were rewritten from memory; "
+                f"older checkpoints that share them are whole again"
+            )
+
+    def _apply_retention(self, store: CheckpointStore) -> None:
+        assert self.retention is not None
+        report = self.retention.apply(store)
+        if report.held_reason:
+            self._log(f"checkpoint: {report.held_reason}")
 
     def _replicate(self, replica: CheckpointStore) -> None:
         # sync copies whatever the replica misses, so one that was behind catches up here.

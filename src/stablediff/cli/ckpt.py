@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 import click
@@ -12,7 +13,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from stablediff.checkpoint import CheckpointStore, gc, repair
+from stablediff.checkpoint import DEFAULT_GC_GRACE_S, CheckpointStore, gc, repair
 from stablediff.cli import ckpt_models
 from stablediff.cli.errors import UserError
 from stablediff.cli.options import trust_pickle_option
@@ -34,9 +35,10 @@ def open_target(target: str, extra_replicas: tuple[str, ...]) -> tuple[Checkpoin
         config = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").is_file() else {}
         replicas = list((config or {}).get("checkpoint", {}).get("replicas", [])) + replicas
         path = path / "checkpoints"
-    if "://" not in target and not (path / "manifests").is_dir():
-        raise UserError(f"{target} holds no checkpoint store (no manifests/ folder); give a run directory "
-                        "or the store itself")
+    # objects/ alone is a store too: the orphans of a first save that failed before its manifest.
+    if "://" not in target and not ((path / "manifests").is_dir() or (path / "objects").is_dir()):
+        raise UserError(f"{target} holds no checkpoint store (no manifests/ or objects/ folder); give a run "
+                        "directory or the store itself")
     return CheckpointStore(str(path) if "://" not in target else target), [CheckpointStore(r) for r in replicas]
 
 
@@ -53,17 +55,32 @@ def group() -> None:
 @click.argument("target")
 @replica_option
 def list_cmd(target: str, replicas) -> None:
-    """One line per checkpoint: step, time, size, bytes new in it, metrics, replicas holding it."""
+    """One line per checkpoint: step, time, size, bytes new in it, metrics, replicas holding it, and
+    whether its manifest and chunks are whole (every chunk present with its size; `verify` re-hashes)."""
     store, others = open_target(target, replicas)
     held = {r.location: set(_steps_or_empty(r)) for r in others}
-    table = Table("step", "time", "size", "new", "metrics", "replicas", "ok")
+    checked = store.verify(deep=False)
+    table = Table("step", "time", "size", "new", "metrics", "replicas", "chunks: present+size")
     for s in store.list():
         when = dt.datetime.fromtimestamp(s.time).strftime("%Y-%m-%d %H:%M:%S") if s.time else "?"
         metrics = ", ".join(f"{k}={v:.4g}" for k, v in s.metrics.items())
         holding = sum(s.step in steps for steps in held.values())
         table.add_row(str(s.step), when, human_bytes(s.bytes_total), human_bytes(s.bytes_new), metrics,
-                      f"{holding}/{len(others)}", "yes" if s.valid else f"NO: {s.problem}")
+                      f"{holding}/{len(others)}", _whole(s, checked.chunk_problems_of(s.step)))
     Console(width=160).print(table)
+    click.echo("chunks checked for presence and size only; `stablediff ckpt verify` re-hashes them")
+    if checked.orphan_chunks:
+        click.echo(f"{checked.orphan_chunks} chunks are referenced by no checkpoint (left by an interrupted "
+                   "save); `stablediff ckpt gc` removes them")
+
+
+def _whole(summary, problems) -> str:
+    if not summary.valid:
+        return f"NO: {summary.problem}"
+    if not problems:
+        return "ok"
+    kinds = Counter(p.problem.split(" ")[0] for p in problems)
+    return "NO: " + ", ".join(f"{n} chunk{'s' * (n > 1)} {kind}" for kind, n in sorted(kinds.items()))
 
 
 def _steps_or_empty(store: CheckpointStore) -> list[int]:
@@ -101,19 +118,23 @@ def info(target: str, step: int | None, trust_pickle: bool) -> None:
 
 @group.command()
 @click.argument("target")
-@click.option("--deep", is_flag=True, help="Re-hash every chunk (slower) instead of checking presence and size.")
-def verify(target: str, deep: bool) -> None:
-    """Check every manifest and chunk; exit 1 with a per-chunk report when anything is wrong."""
+@click.option("--quick", is_flag=True, help="Only check that every chunk is present with its size (no reads).")
+@click.option("--deep", is_flag=True, hidden=True)  # re-hashing is the default now; kept for old scripts
+def verify(target: str, quick: bool, deep: bool) -> None:
+    """Check every manifest and re-hash every chunk; exit 1 with a per-chunk report when anything is wrong."""
+    if quick and deep:
+        raise click.UsageError("--quick and --deep contradict each other; re-hashing (--deep) is the default")
     store, _ = open_target(target, ())
-    report = store.verify(deep=deep)
+    report = store.verify(deep=not quick)
     for line in report.lines():
         click.echo(line)
-    checked = f"{len(report.steps_ok)} checkpoints verified, {report.chunks_checked} chunks checked"
+    how = "checked for presence and size only (--quick)" if quick else "checked by re-hashing"
+    checked = f"{len(report.steps_ok)} checkpoints verified, {report.chunks_checked} chunks {how}"
     if not report.ok:
         click.echo(f"damaged: steps {report.damaged_steps}; {checked}. Run `stablediff ckpt repair` "
                    "with a replica to restore them.", err=True)
         sys.exit(1)
-    click.echo(f"ok: {checked}" + (" (deep)" if deep else ""))
+    click.echo(f"ok: {checked}")
 
 
 @group.command(name="repair")
@@ -133,12 +154,16 @@ def repair_cmd(target: str, replicas) -> None:
 
 @group.command(name="gc")
 @click.argument("target")
-def gc_cmd(target: str) -> None:
-    """Remove chunks no manifest references and temp files left by interrupted writes."""
+@click.option("--grace", "grace_s", type=click.FloatRange(min=0), default=DEFAULT_GC_GRACE_S, show_default=True,
+              metavar="SECONDS", help="Keep unreferenced files used this recently (a save in flight may need them).")
+def gc_cmd(target: str, grace_s: float) -> None:
+    """Remove chunks no manifest references and temp files left by interrupted writes; a chunk's age
+    counts from the last save that used it."""
     store, _ = open_target(target, ())
-    report = gc(store)
+    report = gc(store, grace_s=grace_s)
     click.echo(f"removed {report.chunks_removed} chunks ({human_bytes(report.bytes_freed)}) and "
-               f"{report.temp_files_removed} temp files; kept {report.young_files_kept} recent files")
+               f"{report.temp_files_removed} temp files; kept {report.young_files_kept} files used in the "
+               f"last {grace_s:g} s (or of unknown age)")
 
 
 ckpt_models.register(group)  # export, convert, merge, prune, hash
