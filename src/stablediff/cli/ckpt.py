@@ -15,6 +15,7 @@ from rich.table import Table
 from stablediff.checkpoint import CheckpointStore, gc, repair
 from stablediff.cli import ckpt_models
 from stablediff.cli.errors import UserError
+from stablediff.cli.locking import store_locked
 from stablediff.cli.options import trust_pickle_option
 
 
@@ -124,7 +125,8 @@ def repair_cmd(target: str, replicas) -> None:
     store, others = open_target(target, replicas)
     if not others:
         raise UserError("repair needs at least one replica: configure checkpoint.replicas or pass --replica")
-    report = repair(store, others)
+    with store_locked(target, "stablediff ckpt repair"):
+        report = repair(store, others)
     for line in report.lines():
         click.echo(line)
     if not report.ok:
@@ -136,7 +138,8 @@ def repair_cmd(target: str, replicas) -> None:
 def gc_cmd(target: str) -> None:
     """Remove chunks no manifest references and temp files left by interrupted writes."""
     store, _ = open_target(target, ())
-    report = gc(store)
+    with store_locked(target, "stablediff ckpt gc"):
+        report = gc(store)
     click.echo(f"removed {report.chunks_removed} chunks ({human_bytes(report.bytes_freed)}) and "
                f"{report.temp_files_removed} temp files; kept {report.young_files_kept} recent files")
 
