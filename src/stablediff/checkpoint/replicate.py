@@ -3,7 +3,8 @@
 A replica is an independent store with its own commit points, so syncing uses
 the same order as a save: first every chunk a manifest names (verified against
 its hash as it is read from the source), then the manifest itself. A
-checkpoint whose source copy is damaged is not propagated.
+checkpoint whose source copy is damaged is not propagated. A target that
+belongs to another run (its `owner.json`) is refused, never shared.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Iterable
 
 from .errors import CheckpointError, ChunkError, ManifestError
 from .manifest import Manifest, parse_manifest
+from .ownership import check_sync_target
 
 if TYPE_CHECKING:
     from .store import CheckpointStore
@@ -96,9 +98,10 @@ def sync(source: CheckpointStore, target: CheckpointStore, *, deep: bool = False
 
     Shallow: a target chunk of the right size counts as present. Deep: target
     chunks and manifests are re-read and re-checked, and damaged ones replaced.
-    Raises OSError when the target cannot be written; damaged source data is
-    reported in `problems` instead.
+    Raises OSError when the target cannot be written and StoreOwnedByAnotherRun
+    when it is another run's; damaged source data is reported in `problems` instead.
     """
+    check_sync_target(source, target)
     report = SyncReport(source.location, target.location)
     copier = _ChunkCopier(source, target, deep, report)
     target_steps = set(target.steps())
@@ -131,8 +134,8 @@ def _same_manifest(target: CheckpointStore, step: int, raw: bytes) -> bool:
 def repair(primary: CheckpointStore, replicas: Iterable[CheckpointStore]) -> RepairReport:
     """Restore the primary's damaged manifests and chunks from any replica with a good
     copy, then bring every replica in sync with the repaired primary."""
-    replicas = list(replicas)
     report = RepairReport()
+    replicas = _own_replicas(primary, replicas, report)
     verified = primary.verify(deep=True)
     if verified.bad_manifests:
         _restore_manifests(primary, replicas, verified.bad_manifests, report)
@@ -153,6 +156,23 @@ def repair(primary: CheckpointStore, replicas: Iterable[CheckpointStore]) -> Rep
         except Exception as exc:  # an unreachable replica is reported, never fatal
             report.unfixable.append(f"replica {replica.location} could not be synced: {exc!r}")
     return report
+
+
+def _own_replicas(primary: CheckpointStore, replicas: Iterable[CheckpointStore],
+                  report: RepairReport) -> list[CheckpointStore]:
+    """The replicas repair may read and write: another run's store would restore that run's
+    checkpoints into this one, so it is reported and left alone."""
+    own = []
+    for replica in replicas:
+        try:
+            check_sync_target(primary, replica)
+        except CheckpointError as exc:  # another run's, or its owner file is unreadable
+            report.unfixable.append(str(exc))
+            continue
+        except OSError:
+            pass  # unreachable: its sync below reports it
+        own.append(replica)
+    return own
 
 
 def _restore_manifests(

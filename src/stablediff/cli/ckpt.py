@@ -16,6 +16,7 @@ from rich.table import Table
 from stablediff.checkpoint import DEFAULT_GC_GRACE_S, CheckpointStore, gc, repair
 from stablediff.cli import ckpt_models
 from stablediff.cli.errors import UserError
+from stablediff.cli.locking import store_locked
 from stablediff.cli.options import trust_pickle_option
 
 
@@ -145,7 +146,8 @@ def repair_cmd(target: str, replicas) -> None:
     store, others = open_target(target, replicas)
     if not others:
         raise UserError("repair needs at least one replica: configure checkpoint.replicas or pass --replica")
-    report = repair(store, others)
+    with store_locked(target, "stablediff ckpt repair"):
+        report = repair(store, others)
     for line in report.lines():
         click.echo(line)
     if not report.ok:
@@ -160,7 +162,8 @@ def gc_cmd(target: str, grace_s: float) -> None:
     """Remove chunks no manifest references and temp files left by interrupted writes; a chunk's age
     counts from the last save that used it."""
     store, _ = open_target(target, ())
-    report = gc(store, grace_s=grace_s)
+    with store_locked(target, "stablediff ckpt gc"):
+        report = gc(store, grace_s=grace_s)
     click.echo(f"removed {report.chunks_removed} chunks ({human_bytes(report.bytes_freed)}) and "
                f"{report.temp_files_removed} temp files; kept {report.young_files_kept} files used in the "
                f"last {grace_s:g} s (or of unknown age)")

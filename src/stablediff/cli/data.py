@@ -10,6 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from stablediff.cli.errors import UserError
+from stablediff.cli.locking import run_dir_locked
 from stablediff.cli.options import config_options, resolve_run, trust_pickle_option
 from stablediff.data.check import ASPECT_BINS, SIZE_BINS, CheckReport, check_source
 from stablediff.data.sources import CAPTION_POLICIES, SourceError
@@ -69,10 +70,12 @@ def cache(config_name: str, run_dir, overrides, trust_pickle: bool) -> None:
     shared cache (data.cache_dir) or after changing the data. Interrupted, it resumes.
     """
     config, run_dir = resolve_run(config_name, run_dir, overrides)
-    from stablediff.training.run import cache_features
+    # The run dir's lock: this writes its metrics, quarantine and (by default) features/. A shared
+    # data.cache_dir needs none of its own: each cache namespace serialises its writers by flock.
+    with run_dir_locked(run_dir, "stablediff data cache"):
+        from stablediff.training.run import cache_features
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cache_features(config, run_dir, trust_pickle)
+        cache_features(config, run_dir, trust_pickle)
 
 
 def printable(text: str) -> str:

@@ -7,6 +7,7 @@ import time
 import click
 import numpy as np
 
+from stablediff.cli.locking import claim_run_stores, run_dir_locked
 from stablediff.cli.options import config_options, resolve_run
 
 ADHERENCE_SAMPLES_PER_DIGIT = 20
@@ -19,10 +20,12 @@ def demo(run_dir, overrides) -> None:
     """Train a small text-to-image model on the built-in digits, write samples, export it, check it."""
     started = time.perf_counter()
     config, run_dir = resolve_run("digits", run_dir if run_dir else None, overrides)
-    from stablediff.training.run import run_training
+    with run_dir_locked(run_dir, "stablediff demo"):
+        claim_run_stores(run_dir, config.checkpoint.replicas)
+        from stablediff.training.run import run_training
 
-    result = run_training(config, run_dir)
-    report = digit_adherence(result.pipeline, config)
+        result = run_training(config, run_dir)
+    report = digit_adherence(result.pipeline, config)  # reads the model in memory: no lock needed
     minutes = (time.perf_counter() - started) / 60
     click.echo(f"samples: {run_dir / 'samples' / 'final.png'}")
     click.echo(f"model (diffusers StableDiffusionPipeline): {result.export_dir}")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from stablediff.checkpoint.lock import has_run_content
 from stablediff.config import RunConfig, dump_config
 from stablediff.data.loading import CaptionedImages, load_training_data
 from stablediff.models.build import build_noise_scheduler, build_unet, build_vae, count_parameters, vae_downscale
@@ -50,7 +51,7 @@ def say(message: str) -> None:
 
 
 def prepare_run_dir(config: RunConfig, run_dir: Path, fresh: bool) -> None:
-    if fresh and run_dir.exists() and any(run_dir.iterdir()):
+    if fresh and run_dir.exists() and has_run_content(run_dir):  # the lock and owner file are no content
         raise FileExistsError(f"--fresh: {run_dir} is not empty; choose a new --run-dir or remove it")
     run_dir.mkdir(parents=True, exist_ok=True)
     for sub in ("samples", "export"):
