@@ -52,6 +52,13 @@ def test_from_png_recreates_a_txt2img_image_with_a_lora(model, lora, tmp_path):
     assert Image.open(again[0]).text["parameters"] == text
 
 
+def test_from_png_recreates_a_dpmpp_sde_image_of_a_batch_pixel_for_pixel(model, tmp_path):
+    made = generate(model, "a digit", "--scheduler", "dpmpp_sde", "--steps", "3", "--seed", "5", "--num", "2",
+                    "--out", tmp_path / "a")
+    again = generate("--from-png", made[1], "--out", tmp_path / "b")
+    assert np.array_equal(pixels(again[0]), pixels(made[1]))
+
+
 def test_inpainting_from_the_cli_and_again_from_its_png(model, tmp_path):
     Image.new("RGB", (32, 32), (200, 40, 40)).save(tmp_path / "init.png")
     mask = Image.new("L", (16, 16), 0)  # half the init's size, same shape: scaled up
