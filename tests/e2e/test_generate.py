@@ -1,6 +1,8 @@
 """`stablediff generate` as a user runs it: samplers, LoRA, img2img, inpainting, --from-png, errors."""
 
 import hashlib
+import json
+import os
 
 import numpy as np
 import pytest
@@ -57,6 +59,18 @@ def test_from_png_recreates_a_dpmpp_sde_image_of_a_batch_pixel_for_pixel(model, 
                     "--out", tmp_path / "a")
     again = generate("--from-png", made[1], "--out", tmp_path / "b")
     assert np.array_equal(pixels(again[0]), pixels(made[1]))
+
+
+def test_the_png_records_its_files_relative_to_its_folder_and_from_png_finds_them(model, lora, tmp_path):
+    Image.new("RGB", (16, 16), (90, 20, 160)).save(tmp_path / "init.png")
+    made = generate(model, "a digit", "--init", tmp_path / "init.png", "--strength", "0.5", "--steps", "2",
+                    "--lora", lora, "--out", tmp_path / "a")
+    chunk = json.loads(Image.open(made[0]).text["stablediff"])
+    paths = [chunk["model"], chunk["init"], *chunk["loras"].values()]
+    assert chunk["init"] == os.path.join("..", "init.png")
+    assert not any(os.path.isabs(path) or str(tmp_path) in path for path in paths), chunk
+    again = generate("--from-png", made[0], "--out", tmp_path / "b")  # run from another folder than the PNG's
+    assert np.array_equal(pixels(again[0]), pixels(made[0]))
 
 
 def test_inpainting_from_the_cli_and_again_from_its_png(model, tmp_path):

@@ -62,9 +62,12 @@ def print_samplers() -> None:
               help="Make the image in this PNG again from its metadata.")
 @click.option("--list-samplers", is_flag=True, help="List the samplers and exit.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("outputs"), show_default=True)
+@click.option("--embed-paths", is_flag=True, help="Record absolute paths of the model, LoRAs and images in the "
+              "PNG (default: relative to --out, so shared images do not reveal your folders).")
 @trust_pickle_option
 def generate(model, prompt, negative, steps, sampler, guidance, seed, num, size, init_image, strength, mask,
-             loras, step, best, from_png, list_samplers: bool, out: Path, trust_pickle: bool) -> None:
+             loras, step, best, from_png, list_samplers: bool, out: Path, embed_paths: bool,
+             trust_pickle: bool) -> None:
     """Generate images for PROMPT with MODEL (a run directory, diffusers folder or .safetensors file).
 
     The same seed gives the same image on any device; each PNG carries its parameters (A1111 infotext).
@@ -75,7 +78,7 @@ def generate(model, prompt, negative, steps, sampler, guidance, seed, num, size,
     if from_png is not None:
         if prompt is not None:
             raise click.UsageError("with --from-png give at most MODEL; the prompt comes from the image")
-        regenerate(from_png, model, out, loras, init_image, mask, step, best, trust_pickle)
+        regenerate(from_png, model, out, loras, init_image, mask, step, best, trust_pickle, embed_paths)
         return
     if model is None or prompt is None:
         raise click.UsageError("give MODEL and PROMPT (or --from-png IMG, or --list-samplers)")
@@ -92,19 +95,20 @@ def generate(model, prompt, negative, steps, sampler, guidance, seed, num, size,
     if init_image is not None and not init_image.is_file():
         raise UserError(f"init image {init_image} does not exist; give the path of a PNG or JPEG image")
     loaded = load_pipeline(model, step=step, best=best, trust_pickle=trust_pickle)
-    write_images(loaded.generate(request, init_image=init_image, mask=mask), out, seed)
+    write_images(loaded.generate(request, init_image=init_image, mask=mask), out, seed, embed_paths)
 
 
-def write_images(images, out: Path, seed: int) -> None:
+def write_images(images, out: Path, seed: int, embed_paths: bool = False) -> None:
     from stablediff.inference.api import save_png
 
     out.mkdir(parents=True, exist_ok=True)
     start = next_index(out)
     for i, image in enumerate(images):
-        click.echo(str(save_png(image, out / f"{start + i:05d}-{seed + i}.png")))
+        click.echo(str(save_png(image, out / f"{start + i:05d}-{seed + i}.png", embed_paths)))
 
 
-def regenerate(png: Path, model, out: Path, loras, init_image, mask, step, best, trust_pickle: bool) -> None:
+def regenerate(png: Path, model, out: Path, loras, init_image, mask, step, best, trust_pickle: bool,
+               embed_paths: bool = False) -> None:
     """Make the image in `png` again; MODEL, --lora, --init, --mask override where its metadata says they were."""
     from stablediff.inference.api import load_pipeline
     from stablediff.inference.lora import parse_lora_arg
@@ -118,5 +122,5 @@ def regenerate(png: Path, model, out: Path, loras, init_image, mask, step, best,
         click.secho(f"warning: {png} was made with model hash {plan.model_hash}, {plan.model} has "
                     f"{loaded.model_hash}; the image will differ", fg="yellow", err=True)
     images = loaded.generate(plan.request, init_image=plan.init_image, mask=plan.mask)
-    write_images(images, out, plan.request.seed)
+    write_images(images, out, plan.request.seed, embed_paths)
 

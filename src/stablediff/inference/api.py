@@ -21,7 +21,8 @@ from pathlib import Path
 from PIL import Image
 
 from stablediff.inference.lora import LoraSpec, parse_lora_arg
-from stablediff.inference.metadata import LOCATIONS_KEY, PARAMETERS_KEY, file_short_hash, png_info
+from stablediff.inference.metadata import (LOCATIONS_KEY, PARAMETERS_KEY, file_short_hash, locations_relative_to,
+                                          png_info)
 from stablediff.inference.request import GenerationRequest, infotext_for
 from stablediff.inference.resolve import ModelSource, load_source, model_hash, resolve_model
 
@@ -125,10 +126,13 @@ def _lora_spec(item) -> LoraSpec:
     return parse_lora_arg(str(item))
 
 
-def save_png(image: Image.Image, path: str | Path) -> Path:
-    """Write `image` as PNG with the metadata a generation call attached to it."""
+def save_png(image: Image.Image, path: str | Path, embed_paths: bool = False) -> Path:
+    """Write `image` as PNG with the metadata a generation call attached to it; the files that made it are
+    recorded relative to the PNG's folder, or as absolute paths with `embed_paths`."""
     path = Path(path)
     locations = json.loads(image.info.get(LOCATIONS_KEY, "{}"))
+    if not embed_paths:
+        locations = locations_relative_to(locations, path.parent)
     image.save(path, format="PNG", pnginfo=png_info(image.info.get(PARAMETERS_KEY, ""), locations))
     return path
 
