@@ -7,6 +7,7 @@ parameters in its PNG metadata; `--list-samplers` says which samplers exist.
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import click
@@ -21,7 +22,31 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
     match = re.fullmatch(r"(\d+)[xX](\d+)", text)
     if not match:
         raise click.BadParameter(f"expected WIDTHxHEIGHT such as 32x32, got {text!r}", param_hint="--size")
-    return int(match[1]), int(match[2])
+    from stablediff.inference.request import check_size_limit
+
+    size = int(match[1]), int(match[2])
+    try:
+        check_size_limit(size)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--size") from None
+    return size
+
+
+def check_out_folder(out: Path) -> None:
+    """--out must be (or become) a folder: found before any model is loaded, not after generating."""
+    for folder in (out, *out.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise UserError(f"--out {out}: {folder} is a file, not a folder; give a folder for the images "
+                                "(it is created if missing)")
+            return
+
+
+def check_from_png_model(model: Path | None) -> None:
+    # `--from-png IMG "a cat"` puts the words where MODEL goes; say so instead of looking for a model "a cat".
+    if model is not None and not model.exists():
+        raise click.UsageError(f"with --from-png the prompt and settings come from the image, and the only "
+                               f"argument is an optional MODEL; {str(model)!r} is no model file or folder")
 
 
 def next_index(out: Path) -> int:
@@ -78,6 +103,8 @@ def generate(model, prompt, negative, steps, sampler, guidance, seed, num, size,
     if from_png is not None:
         if prompt is not None:
             raise click.UsageError("with --from-png give at most MODEL; the prompt comes from the image")
+        check_from_png_model(model)
+        check_out_folder(out)
         regenerate(from_png, model, out, loras, init_image, mask, step, best, trust_pickle, embed_paths)
         return
     if model is None or prompt is None:
@@ -94,8 +121,20 @@ def generate(model, prompt, negative, steps, sampler, guidance, seed, num, size,
                                 strength, tuple(parse_lora_arg(text) for text in loras))
     if init_image is not None and not init_image.is_file():
         raise UserError(f"init image {init_image} does not exist; give the path of a PNG or JPEG image")
+    check_out_folder(out)
     loaded = load_pipeline(model, step=step, best=best, trust_pickle=trust_pickle)
-    write_images(loaded.generate(request, init_image=init_image, mask=mask), out, seed, embed_paths)
+    write_images(run_request(loaded, request, init_image, mask), out, seed, embed_paths)
+
+
+def run_request(loaded, request, init_image, mask) -> list:
+    """The request's images; what of the prompt the text encoder cannot read is told first, on stderr."""
+    from stablediff.inference.prompts import TruncatedPromptWarning
+
+    for message in loaded.prompt_warnings(request):
+        click.secho(f"warning: {message}", fg="yellow", err=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TruncatedPromptWarning)  # told above, once
+        return loaded.generate(request, init_image=init_image, mask=mask)
 
 
 def write_images(images, out: Path, seed: int, embed_paths: bool = False) -> None:
@@ -121,6 +160,6 @@ def regenerate(png: Path, model, out: Path, loras, init_image, mask, step, best,
     if plan.model_hash and plan.model_hash != loaded.model_hash:
         click.secho(f"warning: {png} was made with model hash {plan.model_hash}, {plan.model} has "
                     f"{loaded.model_hash}; the image will differ", fg="yellow", err=True)
-    images = loaded.generate(plan.request, init_image=plan.init_image, mask=plan.mask)
+    images = run_request(loaded, plan.request, plan.init_image, plan.mask)
     write_images(images, out, plan.request.seed, embed_paths)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 import json
 import threading
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from PIL import Image
 from stablediff.inference.lora import LoraSpec, parse_lora_arg
 from stablediff.inference.metadata import (LOCATIONS_KEY, PARAMETERS_KEY, file_short_hash, locations_relative_to,
                                           png_info)
+from stablediff.inference.prompts import TruncatedPromptWarning
 from stablediff.inference.request import GenerationRequest, infotext_for
 from stablediff.inference.resolve import ModelSource, load_source, model_hash, resolve_model
 
@@ -56,7 +58,16 @@ class ImagePipeline:
         """`mask`: a path or PIL image; white is redrawn, black kept (pixel for pixel)."""
         return self.generate(_request(prompt, {**options, "strength": strength}), init_image=init_image, mask=mask)
 
+    def prompt_warnings(self, request: GenerationRequest) -> list[str]:
+        """What of the prompt and negative prompt the text encoder will not read (see `prompts`)."""
+        from stablediff.inference.prompts import truncation_message
+
+        found = (truncation_message(self.pipe.tokenizer, text, what)
+                 for text, what in ((request.prompt, "prompt"), (request.negative_prompt, "negative prompt")))
+        return [message for message in found if message]
+
     def generate(self, request: GenerationRequest, init_image=None, mask=None) -> list[Image.Image]:
+        """The images of `request`; a prompt past the text encoder's limit gives a TruncatedPromptWarning."""
         from stablediff.inference import pipeline as sd
         from stablediff.inference.images import open_init_image, open_mask, to_rgb
         from stablediff.inference.lora import apply_loras
@@ -66,6 +77,8 @@ class ImagePipeline:
             raise ValueError("inpainting needs the image to paint into as well as the mask (--init IMG --mask MASK)")
         if init_image is not None and request.strength is None:
             request = replace(request, strength=DEFAULT_STRENGTH)
+        for message in self.prompt_warnings(request):
+            warnings.warn(message, TruncatedPromptWarning, stacklevel=2)
         with self._lock:
             init = None
             if init_image is not None:
