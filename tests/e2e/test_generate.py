@@ -101,7 +101,7 @@ def test_inpainting_from_the_cli_and_again_from_its_png(model, tmp_path):
     (["--init", "{tmp}/init.png", "--mask", "{tmp}/wide.png"], "a different shape"),
     (["--lora", "{tmp}/cut.safetensors"], "not a readable safetensors file"),
     (["--lora", "{tmp}/cut.safetensors:abc"], "the scale 'abc' is not a number"),
-    (["--out", "{tmp}/init.png"], "init.png is a file, not a folder"),
+    (["--out", "{tmp}/init.png"], "init.png: it is a file, not a folder"),
 ])
 def test_bad_input_is_one_paragraph_and_exit_1(model, tmp_path, args, message):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")

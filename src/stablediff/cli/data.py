@@ -11,6 +11,7 @@ from rich.table import Table
 
 from stablediff.cli.errors import UserError
 from stablediff.cli.options import config_options, resolve_run, trust_pickle_option
+from stablediff.cli.preflight import check_run_inputs
 from stablediff.data.check import ASPECT_BINS, SIZE_BINS, CheckReport, check_source
 from stablediff.data.sources import CAPTION_POLICIES, SourceError
 from stablediff.data.validate import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIZE, ValidationConfig
@@ -75,6 +76,7 @@ def cache(config_name: str, run_dir, overrides, trust_pickle: bool) -> None:
     shared cache (data.cache_dir) or after changing the data. Interrupted, it resumes.
     """
     config, run_dir = resolve_run(config_name, run_dir, overrides)
+    check_run_inputs(config, run_dir)
     from stablediff.training.run import cache_features
 
     run_dir.mkdir(parents=True, exist_ok=True)

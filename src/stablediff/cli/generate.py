@@ -14,6 +14,7 @@ import click
 
 from stablediff.cli.errors import UserError
 from stablediff.cli.options import trust_pickle_option
+from stablediff.cli.preflight import check_folder_target
 
 
 def parse_size(text: str | None) -> tuple[int, int] | None:
@@ -30,16 +31,6 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--size") from None
     return size
-
-
-def check_out_folder(out: Path) -> None:
-    """--out must be (or become) a folder: found before any model is loaded, not after generating."""
-    for folder in (out, *out.parents):
-        if folder.exists():
-            if not folder.is_dir():
-                raise UserError(f"--out {out}: {folder} is a file, not a folder; give a folder for the images "
-                                "(it is created if missing)")
-            return
 
 
 def check_from_png_model(model: Path | None) -> None:
@@ -104,7 +95,7 @@ def generate(model, prompt, negative, steps, sampler, guidance, seed, num, size,
         if prompt is not None:
             raise click.UsageError("with --from-png give at most MODEL; the prompt comes from the image")
         check_from_png_model(model)
-        check_out_folder(out)
+        check_folder_target(out, "--out")  # before any model is loaded
         regenerate(from_png, model, out, loras, init_image, mask, step, best, trust_pickle, embed_paths)
         return
     if model is None or prompt is None:
@@ -121,7 +112,7 @@ def generate(model, prompt, negative, steps, sampler, guidance, seed, num, size,
                                 strength, tuple(parse_lora_arg(text) for text in loras))
     if init_image is not None and not init_image.is_file():
         raise UserError(f"init image {init_image} does not exist; give the path of a PNG or JPEG image")
-    check_out_folder(out)
+    check_folder_target(out, "--out")  # before any model is loaded
     loaded = load_pipeline(model, step=step, best=best, trust_pickle=trust_pickle)
     write_images(run_request(loaded, request, init_image, mask), out, seed, embed_paths)
 

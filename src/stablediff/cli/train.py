@@ -6,6 +6,7 @@ import click
 
 from stablediff.cli.errors import UserError
 from stablediff.cli.options import config_options, resolve_run, trust_pickle_option
+from stablediff.cli.preflight import check_run_inputs
 
 
 @click.command()
@@ -16,6 +17,7 @@ from stablediff.cli.options import config_options, resolve_run, trust_pickle_opt
 def train(config_name: str, run_dir, overrides, fresh: bool, trust_pickle: bool) -> None:
     """Train the model described by CONFIG (a YAML file or a bundled recipe: digits, tiny)."""
     config, run_dir = resolve_run(config_name, run_dir, overrides)
+    check_run_inputs(config, run_dir)
     from stablediff.training.checkpointing import TrainingInterrupted
     from stablediff.training.run import run_training
     from stablediff.training.unet_stage import TrainingDiverged
