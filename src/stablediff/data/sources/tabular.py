@@ -1,8 +1,9 @@
 """Rows of an Arrow table -> samples; shared by the parquet and `save_to_disk` sources.
 
 The image column is `image`, holding the encoded bytes, a file path (relative
-to the table's folder, and inside it unless `data.allow_outside_paths`), or, as the Hugging Face `Image` feature stores them, a
-struct `{bytes, path}` (a row with no bytes is read from `path`). The caption
+to the table's folder, and inside it unless `data.allow_outside_paths`), or, as
+the Hugging Face `Image` feature stores them, a struct `{bytes, path}` (a row
+with no bytes is read from `path`). The caption
 is `text` or `caption`. String columns are read as raw bytes so that a caption
 that is not valid UTF-8 is a `caption_not_utf8` reject, not a crash of the file.
 """
