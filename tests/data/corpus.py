@@ -66,6 +66,16 @@ def bomb_png() -> bytes:
             + png_chunk(b"IDAT", zlib.compress(b"\x00" * 1000)) + png_chunk(b"IEND", b""))
 
 
+def strip_png(width: int, height: int) -> bytes:
+    """A real, complete grey PNG of `width` x `height` (rows compressed one by one: 1,000,000 x 8 is ~8 kB)."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    packer = zlib.compressobj(9)
+    row = b"\x00" + b"\x80" * width  # filter byte, then the pixels
+    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", idat)
+            + png_chunk(b"IEND", b""))
+
+
 def exif_rotated_jpeg() -> bytes:
     """Stored 48x32, blue with a red top-left corner; EXIF orientation 6 (shown turned 90° CW)."""
     image = Image.new("RGB", (48, 32), (0, 0, 255))
@@ -130,6 +140,8 @@ def bad_items(duplicate_of: bytes) -> list[Item]:
         Item("zero_bytes", "png", b"", b"empty file", "zero_bytes"),
         Item("text_as_png", "png", b"this is not an image\n" * 4, b"not an image", "undecodable"),
         Item("bomb", "png", bomb_png(), b"a bomb", "decompression_bomb"),
+        # 8,000,000 pixels, under the pixel limit; resized to cover a square it would be ~100 million.
+        Item("strip", "png", strip_png(1_000_000, 8), b"a strip", "max_aspect"),
         Item("tiny", "png", encode(Image.new("RGB", (1, 1), (9, 9, 9)), "PNG"), b"one pixel",
              "too_small"),
         Item("float_tiff", "tiff", encode(Image.new("F", (16, 16), 0.5), "TIFF"), b"float",

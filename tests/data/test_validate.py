@@ -22,7 +22,7 @@ from stablediff.data.validate import (
     filter_valid,
 )
 
-from .corpus import FORMATS, GOOD_CHECKS, corpus_items, encode, expected
+from .corpus import FORMATS, GOOD_CHECKS, corpus_items, encode, expected, strip_png
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -60,6 +60,22 @@ def test_pixel_limit_is_configurable_and_a_warning_counts_as_a_bomb():
     assert rejected.value.reason == "decompression_bomb"
     assert decode_image(data, ValidationConfig(max_pixels=20_000)).size == (120, 100)
     assert Image.MAX_IMAGE_PIXELS != 10_000  # the process-wide limit is restored
+
+
+def test_an_extreme_aspect_under_the_pixel_limit_is_rejected_before_decoding():
+    data = strip_png(10_000_000, 8)  # 80,000,000 pixels (under the limit of 89,478,485) in 78 kB
+    with pytest.raises(ImageRejected) as rejected:
+        decode_image(data)
+    assert rejected.value.reason == "max_aspect"
+    assert rejected.value.detail == "10000000x8: the aspect ratio 1,250,000.0:1 is over data.max_aspect = 20"
+
+
+def test_max_aspect_is_configurable_and_counts_either_way_round():
+    wide, tall = (encode(Image.new("RGB", size, (1, 1, 1)), "PNG") for size in ((250, 10), (10, 250)))
+    for data in (wide, tall):
+        with pytest.raises(ImageRejected, match="max_aspect"):
+            decode_image(data)
+        assert decode_image(data, ValidationConfig(max_aspect=25)).size in ((250, 10), (10, 250))
 
 
 def test_min_size_is_configurable():

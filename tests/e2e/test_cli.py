@@ -107,3 +107,20 @@ def test_fresh_refuses_a_non_empty_run_directory(tmp_path):
 def test_generate_on_a_folder_that_is_no_model_exits_1(tmp_path):
     result = run_cli("generate", str(tmp_path), "x")
     assert result.returncode == 1 and "neither a diffusers pipeline folder" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["train", "data cache"])
+def test_a_missing_data_source_is_reported_before_anything_is_made(tmp_path, command):
+    run_dir = tmp_path / "run"
+    result = run_cli(*command.split(), "tiny", "--run-dir", str(run_dir), "--set",
+                     f"data.source={tmp_path / 'no-such-folder'}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"data source {tmp_path / 'no-such-folder'} does not exist" in result.stderr
+    assert not run_dir.exists()
+
+
+def test_a_run_dir_that_is_a_file_is_named_as_such(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a run")
+    result = run_cli("train", "tiny", "--run-dir", str(tmp_path / "notes.txt"))
+    assert result.returncode == 1 and "Errno" not in result.stderr
+    assert f"the run directory {tmp_path / 'notes.txt'}: it is a file, not a folder" in result.stderr

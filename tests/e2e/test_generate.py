@@ -1,6 +1,8 @@
 """`stablediff generate` as a user runs it: samplers, LoRA, img2img, inpainting, --from-png, errors."""
 
 import hashlib
+import json
+import os
 
 import numpy as np
 import pytest
@@ -52,6 +54,33 @@ def test_from_png_recreates_a_txt2img_image_with_a_lora(model, lora, tmp_path):
     assert Image.open(again[0]).text["parameters"] == text
 
 
+def test_from_png_recreates_a_dpmpp_sde_image_of_a_batch_pixel_for_pixel(model, tmp_path):
+    made = generate(model, "a digit", "--scheduler", "dpmpp_sde", "--steps", "3", "--seed", "5", "--num", "2",
+                    "--out", tmp_path / "a")
+    again = generate("--from-png", made[1], "--out", tmp_path / "b")
+    assert np.array_equal(pixels(again[0]), pixels(made[1]))
+
+
+def test_the_png_records_its_files_relative_to_its_folder_and_from_png_finds_them(model, lora, tmp_path):
+    Image.new("RGB", (16, 16), (90, 20, 160)).save(tmp_path / "init.png")
+    made = generate(model, "a digit", "--init", tmp_path / "init.png", "--strength", "0.5", "--steps", "2",
+                    "--lora", lora, "--out", tmp_path / "a")
+    chunk = json.loads(Image.open(made[0]).text["stablediff"])
+    paths = [chunk["model"], chunk["init"], *chunk["loras"].values()]
+    assert chunk["init"] == os.path.join("..", "init.png")
+    assert not any(os.path.isabs(path) or str(tmp_path) in path for path in paths), chunk
+    again = generate("--from-png", made[0], "--out", tmp_path / "b")  # run from another folder than the PNG's
+    assert np.array_equal(pixels(again[0]), pixels(made[0]))
+
+
+def test_a_prompt_longer_than_the_text_encoder_reads_is_warned_about(model, tmp_path):
+    result = run_cli("generate", str(model), "a handwritten digit seven drawn with a thick black pen", "--steps",
+                     "1", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "warning: the prompt is 13 tokens long and the text encoder reads at most 8" in result.stderr
+    assert "its last 5 tokens ('with a thick black pen') are ignored" in result.stderr
+
+
 def test_inpainting_from_the_cli_and_again_from_its_png(model, tmp_path):
     Image.new("RGB", (32, 32), (200, 40, 40)).save(tmp_path / "init.png")
     mask = Image.new("L", (16, 16), 0)  # half the init's size, same shape: scaled up
@@ -71,6 +100,8 @@ def test_inpainting_from_the_cli_and_again_from_its_png(model, tmp_path):
     (["--init", "{tmp}/broken.png"], "cannot be read as an image"),
     (["--init", "{tmp}/init.png", "--mask", "{tmp}/wide.png"], "a different shape"),
     (["--lora", "{tmp}/cut.safetensors"], "not a readable safetensors file"),
+    (["--lora", "{tmp}/cut.safetensors:abc"], "the scale 'abc' is not a number"),
+    (["--out", "{tmp}/init.png"], "init.png: it is a file, not a folder"),
 ])
 def test_bad_input_is_one_paragraph_and_exit_1(model, tmp_path, args, message):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
@@ -93,7 +124,9 @@ def test_a_mask_without_an_init_image_is_a_usage_error(model, tmp_path):
     (["MODEL", "x", "--strength", "0.5"], "--strength applies to img2img"),
     (["--from-png", "IMG", "MODEL", "a prompt"], "with --from-png give at most MODEL"),
     (["MODEL"], "give MODEL and PROMPT"),
-], ids=["strength-without-init", "from-png-with-prompt", "no-prompt"])
+    (["--from-png", "IMG", "a cat"], "'a cat' is no model file or folder"),
+    (["MODEL", "x", "--size", "99999x99999"], "past the limit of 4096 pixels a side"),
+], ids=["strength-without-init", "from-png-with-prompt", "no-prompt", "from-png-with-words", "huge-size"])
 def test_misused_options_are_usage_errors(model, tmp_path, args, message):
     image = tmp_path / "any.png"
     Image.new("RGB", (16, 16)).save(image)

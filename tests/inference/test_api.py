@@ -1,6 +1,7 @@
 """`stablediff.load_pipeline`: one model kept loaded and reused; switching models frees the old one."""
 
 import gc
+import json
 import os
 import shutil
 import subprocess
@@ -48,6 +49,14 @@ def test_save_png_writes_the_images_parameters(loaded, tmp_path):
     assert info.params["Sampler"] == "ddim" and info.params["Seed"] == "4"
     assert locations["model"] == str(loaded.source.path)
     assert Image.open(tmp_path / "x.png").size == (16, 16)
+
+
+def test_save_png_stores_paths_relative_to_its_folder_unless_embed_paths(loaded, tmp_path):
+    image = loaded.txt2img("a digit", steps=2, seed=4)[0]
+    relative = Image.open(stablediff.save_png(image, tmp_path / "x.png")).text["stablediff"]
+    absolute = Image.open(stablediff.save_png(image, tmp_path / "y.png", embed_paths=True)).text["stablediff"]
+    assert json.loads(relative)["model"] == os.path.relpath(loaded.source.path, os.path.realpath(tmp_path))
+    assert json.loads(absolute)["model"] == str(loaded.source.path)
 
 
 def test_an_unknown_option_is_named(loaded):

@@ -81,3 +81,20 @@ def test_pickle_and_missing_loras_are_refused(tmp_path):
         parse_lora_arg(str(tmp_path / "old.pt"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         parse_lora_arg(str(tmp_path / "none.safetensors:0.5"))
+
+
+def test_a_scale_that_is_no_number_is_named_as_the_problem(kohya_lora):
+    with pytest.raises(ValueError, match="the scale 'abc' is not a number; give PATH:SCALE"):
+        parse_lora_arg(f"{kohya_lora}:abc")
+
+
+def test_a_model_file_given_as_a_lora_is_said_to_be_no_lora(loaded, tiny_model):
+    unet_weights = tiny_model / "unet" / "diffusion_pytorch_model.safetensors"
+    with pytest.raises(ValueError, match="is not a LoRA: none of its .* tensors is a LoRA tensor"):
+        loaded.txt2img(PROMPT, steps=2, loras=[str(unet_weights)])
+
+
+def test_a_pickle_named_safetensors_is_refused_as_a_pickle(loaded, tmp_path):
+    torch.save({"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, tmp_path / "renamed.safetensors")
+    with pytest.raises(ValueError, match=r"pickle-based checkpoint \(zip format\)"):
+        loaded.txt2img(PROMPT, steps=2, loras=[str(tmp_path / "renamed.safetensors")])

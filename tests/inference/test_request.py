@@ -39,3 +39,9 @@ def test_unreadable_parameters_are_a_clear_error():
 def test_an_unknown_sampler_in_a_request_is_refused():
     with pytest.raises(ValueError, match="unknown sampler 'k_dpm'"):
         GenerationRequest("x", sampler="k_dpm")
+
+
+def test_a_size_past_the_limit_is_refused():
+    with pytest.raises(ValueError, match="99999x64 is past the limit of 4096 pixels a side"):
+        GenerationRequest("x", size=(99999, 64))
+    assert GenerationRequest("x", size=(4096, 4096)).size == (4096, 4096)

@@ -129,3 +129,15 @@ def test_info_of_a_foreign_file_infers_and_flags_non_sd_files(models, tmp_path):
     assert info["architecture"]["config_source"] == "inferred from tensor shapes"
     save_file({"foo.bar": torch.zeros(2)}, tmp_path / "random.safetensors")
     assert model_info(tmp_path / "random.safetensors")["architecture"]["name"].startswith("not a Stable Diffusion")
+
+
+def test_a_pickle_named_safetensors_is_described_as_a_pickle_by_info_as_by_reading(tmp_path):
+    from stablediff.checkpoint.errors import PickleRefusedError
+
+    path = tmp_path / "renamed.safetensors"
+    torch.save({"state_dict": {"model.diffusion_model.out.2.bias": torch.zeros(4)}}, path)
+    for describe in (model_info, read_model):
+        with pytest.raises(PickleRefusedError, match=r"pickle-based checkpoint \(zip format\)"):
+            describe(path)
+    assert model_info(path, trust_pickle=True)["format"] == "pickle"
+    assert read_model(path, trust_pickle=True)[0]["model.diffusion_model.out.2.bias"].shape == (4,)

@@ -12,9 +12,10 @@ from rich.table import Table
 from stablediff.cli.errors import UserError
 from stablediff.cli.locking import run_dir_locked
 from stablediff.cli.options import config_options, resolve_run, trust_pickle_option
+from stablediff.cli.preflight import check_run_inputs
 from stablediff.data.check import ASPECT_BINS, SIZE_BINS, CheckReport, check_source
 from stablediff.data.sources import CAPTION_POLICIES, SourceError
-from stablediff.data.validate import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIZE, ValidationConfig
+from stablediff.data.validate import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIZE, ValidationConfig
 
 # Rejects listed per reason in the human report; --json lists all of them.
 SHOWN_PER_REASON = 5
@@ -36,19 +37,25 @@ def group() -> None:
 @click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS,
               show_default=True,
               help="Images with more pixels are rejected as decompression bombs.")
-def check(source: str, as_json: bool, caption_policy: str, min_size: int, max_pixels: int) -> None:
+@click.option("--max-aspect", type=click.FloatRange(min=1), default=DEFAULT_MAX_ASPECT, show_default=True,
+              help="Images whose longer side exceeds the shorter this many times are rejected.")
+@click.option("--allow-outside-paths", is_flag=True,
+              help="Let a table's image paths be absolute or leave the dataset's folder.")
+def check(source: str, as_json: bool, caption_policy: str, min_size: int, max_pixels: int, max_aspect: float,
+          allow_outside_paths: bool) -> None:
     """Decode and judge every sample of SOURCE and report the rejects with their reasons.
 
     SOURCE is a folder, a .tar shard or glob, a .parquet file, a save_to_disk
     folder or builtin:digits. Nothing is trained or written; the exit status is
     0 even when there are rejects.
     """
-    config = ValidationConfig(min_size=min_size, max_pixels=max_pixels)
+    config = ValidationConfig(min_size=min_size, max_pixels=max_pixels, max_aspect=max_aspect)
     # On stderr, and only drawn on a terminal: stdout stays one clean JSON document.
     with Console(stderr=True).status("checking samples...") as status:
         try:
             report = check_source(source, caption_policy, config,
-                                  on_progress=lambda n: status.update(f"checked {n} samples..."))
+                                  on_progress=lambda n: status.update(f"checked {n} samples..."),
+                                  allow_outside_paths=allow_outside_paths)
         except SourceError as exc:
             raise UserError(str(exc)) from exc
     if as_json:
@@ -70,6 +77,7 @@ def cache(config_name: str, run_dir, overrides, trust_pickle: bool) -> None:
     shared cache (data.cache_dir) or after changing the data. Interrupted, it resumes.
     """
     config, run_dir = resolve_run(config_name, run_dir, overrides)
+    check_run_inputs(config, run_dir)
     # The run dir's lock: this writes its metrics, quarantine and (by default) features/. A shared
     # data.cache_dir needs none of its own: each cache namespace serialises its writers by flock.
     with run_dir_locked(run_dir, "stablediff data cache"):

@@ -7,12 +7,14 @@ parameters in its PNG metadata; `--list-samplers` says which samplers exist.
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import click
 
 from stablediff.cli.errors import UserError
 from stablediff.cli.options import trust_pickle_option
+from stablediff.cli.preflight import check_folder_target
 
 
 def parse_size(text: str | None) -> tuple[int, int] | None:
@@ -21,7 +23,21 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
     match = re.fullmatch(r"(\d+)[xX](\d+)", text)
     if not match:
         raise click.BadParameter(f"expected WIDTHxHEIGHT such as 32x32, got {text!r}", param_hint="--size")
-    return int(match[1]), int(match[2])
+    from stablediff.inference.request import check_size_limit
+
+    size = int(match[1]), int(match[2])
+    try:
+        check_size_limit(size)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--size") from None
+    return size
+
+
+def check_from_png_model(model: Path | None) -> None:
+    # `--from-png IMG "a cat"` puts the words where MODEL goes; say so instead of looking for a model "a cat".
+    if model is not None and not model.exists():
+        raise click.UsageError(f"with --from-png the prompt and settings come from the image, and the only "
+                               f"argument is an optional MODEL; {str(model)!r} is no model file or folder")
 
 
 def next_index(out: Path) -> int:
@@ -62,9 +78,12 @@ def print_samplers() -> None:
               help="Make the image in this PNG again from its metadata.")
 @click.option("--list-samplers", is_flag=True, help="List the samplers and exit.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("outputs"), show_default=True)
+@click.option("--embed-paths", is_flag=True, help="Record absolute paths of the model, LoRAs and images in the "
+              "PNG (default: relative to --out, so shared images do not reveal your folders).")
 @trust_pickle_option
 def generate(model, prompt, negative, steps, sampler, guidance, seed, num, size, init_image, strength, mask,
-             loras, step, best, from_png, list_samplers: bool, out: Path, trust_pickle: bool) -> None:
+             loras, step, best, from_png, list_samplers: bool, out: Path, embed_paths: bool,
+             trust_pickle: bool) -> None:
     """Generate images for PROMPT with MODEL (a run directory, diffusers folder or .safetensors file).
 
     The same seed gives the same image on any device; each PNG carries its parameters (A1111 infotext).
@@ -75,7 +94,9 @@ def generate(model, prompt, negative, steps, sampler, guidance, seed, num, size,
     if from_png is not None:
         if prompt is not None:
             raise click.UsageError("with --from-png give at most MODEL; the prompt comes from the image")
-        regenerate(from_png, model, out, loras, init_image, mask, step, best, trust_pickle)
+        check_from_png_model(model)
+        check_folder_target(out, "--out")  # before any model is loaded
+        regenerate(from_png, model, out, loras, init_image, mask, step, best, trust_pickle, embed_paths)
         return
     if model is None or prompt is None:
         raise click.UsageError("give MODEL and PROMPT (or --from-png IMG, or --list-samplers)")
@@ -91,20 +112,33 @@ def generate(model, prompt, negative, steps, sampler, guidance, seed, num, size,
                                 strength, tuple(parse_lora_arg(text) for text in loras))
     if init_image is not None and not init_image.is_file():
         raise UserError(f"init image {init_image} does not exist; give the path of a PNG or JPEG image")
+    check_folder_target(out, "--out")  # before any model is loaded
     loaded = load_pipeline(model, step=step, best=best, trust_pickle=trust_pickle)
-    write_images(loaded.generate(request, init_image=init_image, mask=mask), out, seed)
+    write_images(run_request(loaded, request, init_image, mask), out, seed, embed_paths)
 
 
-def write_images(images, out: Path, seed: int) -> None:
+def run_request(loaded, request, init_image, mask) -> list:
+    """The request's images; what of the prompt the text encoder cannot read is told first, on stderr."""
+    from stablediff.inference.prompts import TruncatedPromptWarning
+
+    for message in loaded.prompt_warnings(request):
+        click.secho(f"warning: {message}", fg="yellow", err=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TruncatedPromptWarning)  # told above, once
+        return loaded.generate(request, init_image=init_image, mask=mask)
+
+
+def write_images(images, out: Path, seed: int, embed_paths: bool = False) -> None:
     from stablediff.inference.api import save_png
 
     out.mkdir(parents=True, exist_ok=True)
     start = next_index(out)
     for i, image in enumerate(images):
-        click.echo(str(save_png(image, out / f"{start + i:05d}-{seed + i}.png")))
+        click.echo(str(save_png(image, out / f"{start + i:05d}-{seed + i}.png", embed_paths)))
 
 
-def regenerate(png: Path, model, out: Path, loras, init_image, mask, step, best, trust_pickle: bool) -> None:
+def regenerate(png: Path, model, out: Path, loras, init_image, mask, step, best, trust_pickle: bool,
+               embed_paths: bool = False) -> None:
     """Make the image in `png` again; MODEL, --lora, --init, --mask override where its metadata says they were."""
     from stablediff.inference.api import load_pipeline
     from stablediff.inference.lora import parse_lora_arg
@@ -117,6 +151,6 @@ def regenerate(png: Path, model, out: Path, loras, init_image, mask, step, best,
     if plan.model_hash and plan.model_hash != loaded.model_hash:
         click.secho(f"warning: {png} was made with model hash {plan.model_hash}, {plan.model} has "
                     f"{loaded.model_hash}; the image will differ", fg="yellow", err=True)
-    images = loaded.generate(plan.request, init_image=plan.init_image, mask=plan.mask)
-    write_images(images, out, plan.request.seed)
+    images = run_request(loaded, plan.request, plan.init_image, plan.mask)
+    write_images(images, out, plan.request.seed, embed_paths)
 

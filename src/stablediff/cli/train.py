@@ -8,6 +8,7 @@ from stablediff.checkpoint.lock import has_run_content
 from stablediff.cli.errors import UserError
 from stablediff.cli.locking import claim_run_stores, run_dir_locked
 from stablediff.cli.options import config_options, resolve_run, trust_pickle_option
+from stablediff.cli.preflight import check_run_inputs
 
 
 @click.command()
@@ -18,6 +19,7 @@ from stablediff.cli.options import config_options, resolve_run, trust_pickle_opt
 def train(config_name: str, run_dir, overrides, fresh: bool, trust_pickle: bool) -> None:
     """Train the model described by CONFIG (a YAML file or a bundled recipe: digits, tiny)."""
     config, run_dir = resolve_run(config_name, run_dir, overrides)
+    check_run_inputs(config, run_dir)  # a missing source or a --run-dir that is a file: before anything
     if fresh and run_dir.is_dir() and has_run_content(run_dir):  # refused before the lock: nothing touched
         raise UserError(f"--fresh: {run_dir} is not empty; choose a new --run-dir or remove it")
     with run_dir_locked(run_dir, "stablediff train"):

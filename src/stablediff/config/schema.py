@@ -60,6 +60,10 @@ class DataConfig(Section):
     resolution: int = Field(32, ge=8, description="side of the square training images, in pixels")
     caption_dropout: float = Field(0.1, ge=0.0, le=1.0, description="share of captions replaced by '' (for CFG)")
     max_reject_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    max_aspect: float = Field(20.0, ge=1.0, description="longer side / shorter side past which an image is "
+                              "rejected (reason max_aspect) before it is decoded or resized")
+    allow_outside_paths: bool = Field(False, description="let a table's image paths (parquet, arrow, "
+                                      "metadata.jsonl/csv) be absolute or leave the dataset's folder with ..")
     caption_policy: Literal["error", "empty", "filename"] = Field(
         "error", description="a sample without a caption: reject it, use '', or use the file name")
     limit: int | None = Field(None, ge=1, description="use only the first N training samples (quick runs)")

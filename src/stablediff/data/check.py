@@ -73,6 +73,7 @@ class CheckReport:
             "caption_policy": self.caption_policy,
             "min_size": self.config.min_size,
             "max_pixels": self.config.max_pixels,
+            "max_aspect": self.config.max_aspect,
             "total": self.total,
             "accepted": self.accepted,
             "rejected": self.rejected,
@@ -92,12 +93,13 @@ class CheckReport:
 
 def check_source(spec: str, caption_policy: str = "error",
                  config: ValidationConfig = DEFAULT_VALIDATION,
-                 on_progress: Callable[[int], None] | None = None) -> CheckReport:
+                 on_progress: Callable[[int], None] | None = None,
+                 allow_outside_paths: bool = False) -> CheckReport:
     """Open `spec`, judge every sample, gather the report; raises `SourceError` for a bad spec.
 
     `on_progress(samples_judged)` is called every `PROGRESS_EVERY` samples.
     """
-    source = open_source(spec, caption_policy)
+    source = open_source(spec, caption_policy, allow_outside_paths)
     report = CheckReport(spec, type(source).__name__, caption_policy, config)
     validator = Validator(config)
     for sample in source:

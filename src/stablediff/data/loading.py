@@ -28,6 +28,7 @@ from stablediff.data.transforms import pixels_to_tensor
 from stablediff.data.validate import (
     DEFAULT_VALIDATION,
     Quarantine,
+    ValidationConfig,
     Validator,
     check_reject_fraction,
     content_hash,
@@ -81,17 +82,18 @@ class CaptionedImages:
 
 def load_captioned_images(spec: str, resolution: int, run_dir: Path, max_reject_fraction: float,
                           caption_policy: str = "error", limit: int | None = None, framing: Framing | None = None,
-                          num_workers: int = 0) -> CaptionedImages:
+                          num_workers: int = 0, validation: ValidationConfig = DEFAULT_VALIDATION,
+                          allow_outside_paths: bool = False) -> CaptionedImages:
     """Every sample of `spec` judged (rejects to RUN_DIR/quarantine.jsonl), framed and split.
 
     `framing` buckets and crops the images for the latents (default: the `resolution`
     square, centre crop); `num_workers` decode in that many processes (same result).
     """
     framing = framing or Framing.square(resolution)
-    task = IngestTask(DEFAULT_VALIDATION, framing, resolution)
+    task = IngestTask(validation, framing, resolution)
     validator = Validator(task.validation)
     squares, captions, held, held_captions, keys, buckets, crops = [], [], [], [], [], [], []
-    judged = ingest(open_source(spec, caption_policy), validator, task, num_workers)
+    judged = ingest(open_source(spec, caption_policy, allow_outside_paths), validator, task, num_workers)
     with Quarantine(run_dir) as quarantine, closing(judged):  # closing: a `limit` stops the workers at once
         for sample, verdict, framed in judged:
             if framed is None:
@@ -140,7 +142,8 @@ def load_training_data(cfg: DataConfig, seed: int, run_dir: Path, bucket_step: i
         return _digits(cfg, framing)
     workers = default_num_workers() if cfg.num_workers is None else cfg.num_workers
     data = load_captioned_images(cfg.source, cfg.resolution, run_dir, cfg.max_reject_fraction, cfg.caption_policy,
-                                 cfg.limit, framing, workers)
+                                 cfg.limit, framing, workers, ValidationConfig(max_aspect=cfg.max_aspect),
+                                 cfg.allow_outside_paths)
     log(f"data: {len(data.captions)} training and {len(data.held_out)} held-out samples from {cfg.source}"
         + (f" in {len(set(data.framed.bucket_ids))} buckets" if cfg.buckets else ""))
     if cfg.caption_shuffle_variants > 1:

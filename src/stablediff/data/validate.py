@@ -25,15 +25,19 @@ from stablediff.data.sources.base import RawSample
 
 # Reasons, exact strings: tests, reports and quarantine.jsonl use them.
 IMAGE_REASONS = ("zero_bytes", "undecodable", "truncated", "decompression_bomb", "too_small",
-                 "unsupported_mode")
+                 "max_aspect", "unsupported_mode")
 CAPTION_REASONS = ("missing_caption", "caption_not_utf8")
 # Known to the source before any decoding: macOS litter, I/O that failed after
-# retries, an index row naming a file that is not there, an unparseable index row.
-SOURCE_REASONS = ("resource_fork", "read_error", "missing_image", "bad_metadata")
+# retries, an index row naming a file that is not there, an unparseable index row,
+# a table's image path that leaves the dataset's folder (see `sources.base.confined_path`).
+SOURCE_REASONS = ("resource_fork", "read_error", "missing_image", "bad_metadata", "outside_root")
 REASONS = (*IMAGE_REASONS, *CAPTION_REASONS, "duplicate", *SOURCE_REASONS)
 
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default: ~0.25 GB of RGBA at 4 bytes a pixel
 DEFAULT_MIN_SIZE = 8
+# Longer side / shorter side. Past this an image is a strip (a 10,000,000x8 PNG is under the pixel
+# limit), and resizing it to cover a training square would make hundreds of millions of pixels.
+DEFAULT_MAX_ASPECT = 20.0
 # Modes `transforms.to_rgb` turns into RGB faithfully; anything else (LAB, HSV,
 # float) would need colour management we do not do, so it is a reject.
 SUPPORTED_MODES = frozenset({"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX",
@@ -46,6 +50,7 @@ _PIL_GLOBALS = threading.Lock()  # MAX_IMAGE_PIXELS and the warning filters are 
 class ValidationConfig:
     min_size: int = DEFAULT_MIN_SIZE  # smallest allowed side, in pixels, after EXIF rotation
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are decompression bombs
+    max_aspect: float = DEFAULT_MAX_ASPECT  # longer side / shorter side; more is a `max_aspect` reject
     dedupe: bool = True  # reject byte-identical copies of an accepted sample
 
 
@@ -124,6 +129,14 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     return image
 
 
+def _check_aspect(size: tuple[int, int], max_aspect: float) -> None:
+    width, height = size
+    aspect = max(width, height) / max(1, min(width, height))
+    if aspect > max_aspect:
+        raise ImageRejected("max_aspect", f"{width}x{height}: the aspect ratio {aspect:,.1f}:1 is over "
+                                          f"data.max_aspect = {max_aspect:g}")
+
+
 def _load(image: Image.Image) -> None:
     """Decode every pixel: a truncated file opens fine and fails only here."""
     try:
@@ -160,6 +173,7 @@ def decode_image(data: bytes, config: ValidationConfig = DEFAULT_VALIDATION) -> 
     if image.mode not in SUPPORTED_MODES:
         raise ImageRejected("unsupported_mode",
                             f"mode {image.mode} ({image.format}); convert it to RGB first")
+    _check_aspect(image.size, config.max_aspect)  # from the header: such a strip is never decoded
     _load(image)
     width, height = displayed_size(image)
     if min(width, height) < config.min_size:

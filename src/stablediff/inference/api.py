@@ -15,13 +15,16 @@ from __future__ import annotations
 import gc
 import json
 import threading
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
 from PIL import Image
 
 from stablediff.inference.lora import LoraSpec, parse_lora_arg
-from stablediff.inference.metadata import LOCATIONS_KEY, PARAMETERS_KEY, file_short_hash, png_info
+from stablediff.inference.metadata import (LOCATIONS_KEY, PARAMETERS_KEY, file_short_hash, locations_relative_to,
+                                          png_info)
+from stablediff.inference.prompts import TruncatedPromptWarning
 from stablediff.inference.request import GenerationRequest, infotext_for
 from stablediff.inference.resolve import ModelSource, load_source, model_hash, resolve_model
 
@@ -55,7 +58,16 @@ class ImagePipeline:
         """`mask`: a path or PIL image; white is redrawn, black kept (pixel for pixel)."""
         return self.generate(_request(prompt, {**options, "strength": strength}), init_image=init_image, mask=mask)
 
+    def prompt_warnings(self, request: GenerationRequest) -> list[str]:
+        """What of the prompt and negative prompt the text encoder will not read (see `prompts`)."""
+        from stablediff.inference.prompts import truncation_message
+
+        found = (truncation_message(self.pipe.tokenizer, text, what)
+                 for text, what in ((request.prompt, "prompt"), (request.negative_prompt, "negative prompt")))
+        return [message for message in found if message]
+
     def generate(self, request: GenerationRequest, init_image=None, mask=None) -> list[Image.Image]:
+        """The images of `request`; a prompt past the text encoder's limit gives a TruncatedPromptWarning."""
         from stablediff.inference import pipeline as sd
         from stablediff.inference.images import open_init_image, open_mask, to_rgb
         from stablediff.inference.lora import apply_loras
@@ -65,6 +77,8 @@ class ImagePipeline:
             raise ValueError("inpainting needs the image to paint into as well as the mask (--init IMG --mask MASK)")
         if init_image is not None and request.strength is None:
             request = replace(request, strength=DEFAULT_STRENGTH)
+        for message in self.prompt_warnings(request):
+            warnings.warn(message, TruncatedPromptWarning, stacklevel=2)
         with self._lock:
             init = None
             if init_image is not None:
@@ -125,10 +139,13 @@ def _lora_spec(item) -> LoraSpec:
     return parse_lora_arg(str(item))
 
 
-def save_png(image: Image.Image, path: str | Path) -> Path:
-    """Write `image` as PNG with the metadata a generation call attached to it."""
+def save_png(image: Image.Image, path: str | Path, embed_paths: bool = False) -> Path:
+    """Write `image` as PNG with the metadata a generation call attached to it; the files that made it are
+    recorded relative to the PNG's folder, or as absolute paths with `embed_paths`."""
     path = Path(path)
     locations = json.loads(image.info.get(LOCATIONS_KEY, "{}"))
+    if not embed_paths:
+        locations = locations_relative_to(locations, path.parent)
     image.save(path, format="PNG", pnginfo=png_info(image.info.get(PARAMETERS_KEY, ""), locations))
     return path
 

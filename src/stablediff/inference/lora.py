@@ -22,6 +22,8 @@ from pathlib import Path
 from stablediff.inference.metadata import file_short_hash
 
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"  # what `save_lora_weights` writes in a folder
+# A key that only a LoRA (or LoCon/LoHa/LoKr/DoRA) file has; a model's weights have none of them.
+_LORA_TENSOR = re.compile(r"lora|\.alpha$|hada_|lokr_|dora_scale", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,10 @@ def parse_lora_arg(text: str) -> LoraSpec:
     head, sep, tail = text.rpartition(":")
     if sep and head and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", tail):
         path, scale = head, float(tail)
+    elif sep and head and not Path(text).expanduser().exists() and Path(head).expanduser().exists():
+        # `ink.safetensors:abc`: the file is there, so what is wrong is the scale, not the path.
+        raise ValueError(f"--lora {text}: the scale {tail!r} is not a number; give PATH:SCALE such as "
+                         f"{head}:0.8, or PATH alone for scale 1")
     return LoraSpec(lora_file(Path(path).expanduser()), scale)
 
 
@@ -59,6 +65,14 @@ def lora_file(path: Path) -> Path:
 def read_lora(path: Path) -> dict:
     from safetensors.torch import load_file
 
+    from stablediff.checkpoint.pickle_guard import sniff_format
+
+    with open(path, "rb") as f:
+        kind = sniff_format(f.read(16))
+    if kind in ("zip", "pickle"):  # worded as the pickle guard words it for models
+        raise ValueError(f"LoRA {path} is a pickle-based checkpoint ({kind} format) named .safetensors; loading "
+                         "it can run arbitrary code hidden in the file, and pickle LoRAs are never loaded. Use a "
+                         "real .safetensors version of it")
     try:
         return load_file(path)
     except Exception as exc:  # safetensors raises its own error types for truncated or foreign files
@@ -70,6 +84,10 @@ def check_lora_fits(pipe, state: dict, path: Path) -> None:
     """Raise ValueError unless every tensor of the LoRA names a layer of this UNet with matching shape."""
     from diffusers.utils import convert_unet_state_dict_to_peft
 
+    if not any(_LORA_TENSOR.search(key) for key in state):
+        raise ValueError(f"{path} is not a LoRA: none of its {len(state)} tensors is a LoRA tensor (lora_down/"
+                         f"lora_up, lora_A/lora_B, .alpha); its keys look like {next(iter(state), 'none')!r}. "
+                         "--lora takes LoRA files; a whole model or UNet is given as MODEL")
     converted, _alphas = pipe.lora_state_dict(dict(state))  # a copy: kohya conversion pops keys
     unet_state = {k[len("unet."):]: v for k, v in converted.items() if k.startswith("unet.")}
     others = sorted({k.split(".")[0] for k in converted if not k.startswith("unet.")})

@@ -8,6 +8,8 @@ The `parameters` text chunk holds exactly that text (what A1111, ComfyUI and
 Civitai read). A second chunk, `stablediff`, holds JSON with *where* the model,
 LoRAs and input images were (paths are not part of infotext); `generate
 --from-png` reads parameters from the infotext and locations from that chunk.
+Those paths are relative to the PNG's folder (absolute only with `--embed-paths`),
+so a shared image does not tell user names or folder layouts.
 
 Hashes are A1111's "AutoV2": the first 10 hex digits of the SHA-256 of the
 whole file, so a hash printed here matches the one Civitai shows for a file.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,7 +94,8 @@ def png_info(text: str, locations: dict | None = None) -> PngImagePlugin.PngInfo
 
 
 def read_png_metadata(path: Path) -> tuple[Infotext, dict]:
-    """The infotext and the locations JSON (empty when absent, e.g. an A1111 image)."""
+    """The infotext and the locations JSON (empty when absent, e.g. an A1111 image), its paths made
+    absolute again (they are stored relative to the PNG's folder)."""
     try:
         with Image.open(path) as image:
             chunks = dict(getattr(image, "text", {}) or image.info)
@@ -106,7 +110,37 @@ def read_png_metadata(path: Path) -> tuple[Infotext, dict]:
         locations = json.loads(chunks.get(LOCATIONS_KEY) or "{}")
     except json.JSONDecodeError:
         locations = {}
-    return parse_infotext(text), locations if isinstance(locations, dict) else {}
+    locations = locations_resolved(locations, Path(path).parent) if isinstance(locations, dict) else {}
+    return parse_infotext(text), locations
+
+
+def _map_paths(locations: dict, change) -> dict:
+    """`locations` with `change` applied to each path in it (model, init, mask and every LoRA)."""
+    mapped = dict(locations)
+    for key in ("model", "init", "mask"):
+        if isinstance(mapped.get(key), str):
+            mapped[key] = change(mapped[key])
+    if isinstance(mapped.get("loras"), dict):
+        mapped["loras"] = {name: change(p) if isinstance(p, str) else p for name, p in mapped["loras"].items()}
+    return mapped
+
+
+def locations_relative_to(locations: dict, folder: Path) -> dict:
+    """The paths of `locations` relative to `folder` (the PNG's), as the `stablediff` chunk stores them."""
+    start = os.path.realpath(folder)
+
+    def relative(path: str) -> str:
+        try:
+            return os.path.relpath(path, start)
+        except ValueError:  # another drive (Windows): no relative path exists
+            return path
+
+    return _map_paths(locations, relative)
+
+
+def locations_resolved(locations: dict, folder: Path) -> dict:
+    """Inverse of `locations_relative_to`; absolute paths (`--embed-paths`) stay as they are."""
+    return _map_paths(locations, lambda path: os.path.normpath(os.path.join(os.path.realpath(folder), path)))
 
 
 _HASH_CACHE: dict[tuple[str, int, int], str] = {}

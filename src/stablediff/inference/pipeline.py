@@ -87,6 +87,14 @@ def generators_for(seed: int, count: int) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(seed + i) for i in range(count)]
 
 
+def seeded_generators(pipe, seed: int, count: int) -> list[torch.Generator]:
+    """All of a call's randomness from its images' seeds: the generators of the initial noise, and for
+    SDE samplers one Brownian tree per image (diffusers' default is one per batch, from the global RNG)."""
+    if hasattr(pipe.scheduler, "noise_sampler_seed"):
+        pipe.scheduler.noise_sampler_seed = [seed + i for i in range(count)]
+    return generators_for(seed, count)
+
+
 @torch.no_grad()
 def txt2img(pipe: StableDiffusionPipeline, prompt: str, *, negative_prompt: str | None = None,
             steps: int = 20, guidance_scale: float = 3.0, seed: int = 0, num: int = 1,
@@ -94,7 +102,7 @@ def txt2img(pipe: StableDiffusionPipeline, prompt: str, *, negative_prompt: str 
     width, height = size or (None, None)
     result = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps,
                   guidance_scale=guidance_scale, num_images_per_prompt=num, height=height, width=width,
-                  generator=generators_for(seed, num), output_type="pil")
+                  generator=seeded_generators(pipe, seed, num), output_type="pil")
     return list(result.images)
 
 
@@ -108,7 +116,7 @@ def img2img(pipe: StableDiffusionPipeline, prompt: str, init_image: Image.Image,
     derived.set_progress_bar_config(disable=True)
     result = derived(prompt, image=init_image, strength=strength, negative_prompt=negative_prompt,
                      num_inference_steps=steps, guidance_scale=guidance_scale, num_images_per_prompt=num,
-                     generator=generators_for(seed, num), output_type="pil")
+                     generator=seeded_generators(pipe, seed, num), output_type="pil")
     return list(result.images)
 
 
@@ -128,7 +136,7 @@ def inpaint(pipe: StableDiffusionPipeline, prompt: str, init_image: Image.Image,
     result = derived(prompt, image=init_image, mask_image=binary, strength=strength,
                      negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance_scale,
                      num_images_per_prompt=num, height=init_image.height, width=init_image.width,
-                     generator=generators_for(seed, num), output_type="pil")
+                     generator=seeded_generators(pipe, seed, num), output_type="pil")
     rgb = init_image.convert("RGB")
     return [Image.composite(image, rgb, binary) for image in result.images]
 

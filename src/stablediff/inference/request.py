@@ -15,6 +15,18 @@ from stablediff.inference.metadata import Infotext, infotext
 from stablediff.inference.schedulers import DEFAULT_SAMPLER, get_sampler, sampler_from_infotext
 
 
+# Past this a side is a typo, not a picture: SD 1.x makes 512, SDXL 1024, and a 4096x4096 image already
+# takes minutes and many GB of activations.
+MAX_SIDE = 4096
+
+
+def check_size_limit(size: tuple[int, int]) -> None:
+    width, height = size
+    if max(width, height) > MAX_SIDE:
+        raise ValueError(f"size {width}x{height} is past the limit of {MAX_SIDE} pixels a side; Stable Diffusion "
+                         "1.x models make 512x512 and SDXL 1024x1024 (generate smaller and upscale instead)")
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     prompt: str
@@ -30,6 +42,8 @@ class GenerationRequest:
 
     def __post_init__(self) -> None:
         get_sampler(self.sampler)  # an unknown name fails here, listing the valid ones
+        if self.size is not None:
+            check_size_limit(self.size)
         if self.steps < 1 or self.num < 1 or self.seed < 0:
             raise ValueError(f"steps ({self.steps}) and num ({self.num}) must be at least 1 and seed ({self.seed}) "
                              "at least 0")

@@ -92,6 +92,8 @@ def make_scheduler(name: str, model_scheduler_config: dict, steps: int | None = 
             raise ValueError(f"sampler {name!r} needs the Python package {sampler.requires!r}, which is not "
                              f"installed; run `pip install {sampler.requires}` or choose another sampler") from None
     scheduler_class = getattr(diffusers, sampler.class_name)
+    if sampler.class_name == "DPMSolverSDEScheduler":  # its noise from each image's seed, on the CPU
+        from stablediff.inference.seeded_sde import SeededDPMSolverSDEScheduler as scheduler_class
     # Keys the model's config has that this class does not know are ignored by from_config;
     # dropping the class bookkeeping keeps diffusers from logging about them.
     config = fit_steps_offset({k: v for k, v in dict(model_scheduler_config).items() if not k.startswith("_")},

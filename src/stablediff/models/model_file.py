@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from stablediff.checkpoint.pickle_guard import refuse_pickle
 from stablediff.models import architecture
 from stablediff.models.keymap import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
 from stablediff.models.file_hash import file_hashes
@@ -153,7 +154,9 @@ def _promote_ema(state: dict[str, torch.Tensor], source: str) -> dict[str, torch
 # -- hash and info -------------------------------------------------------------------------------
 
 def _shapes_dtypes_metadata(path: Path, trust_pickle: bool):
-    if path.is_file() and path.suffix.lower() == ".safetensors":
+    # The bytes decide, as for every other command: a pickle named .safetensors is described as a pickle.
+    kind = refuse_pickle(path, trust_pickle) if path.is_file() else None
+    if kind == "safetensors" or (kind == "unknown" and path.suffix.lower() == ".safetensors"):
         header, metadata = read_header(path)  # no tensor bytes read
         return header_shapes(header), {k: e["dtype"] for k, e in header.items()}, metadata, "safetensors"
     state, metadata = read_model(path, trust_pickle)

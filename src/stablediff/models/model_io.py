@@ -74,8 +74,9 @@ def read_model_file(path: Path, trust_pickle: bool = False) -> tuple[dict[str, t
 
 def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     """A trusted `.ckpt`: the Lightning `state_dict` entry (or the top level), tensors only."""
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=False)
+    try:  # from an open file: given a name ending in .safetensors, torch.load reads it as safetensors
+        with open(path, "rb") as f:
+            loaded = torch.load(f, map_location="cpu", weights_only=False)
     except Exception as exc:  # any unpickling failure is a bad file, told in one line
         raise ValueError(f"{path} could not be unpickled ({type(exc).__name__}: {exc}); the file is damaged "
                          "or not a PyTorch checkpoint") from None

@@ -55,7 +55,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def table_source(class_name: str, spec: str, policy: CaptionPolicy) -> Source:
+def table_source(class_name: str, spec: str, policy: CaptionPolicy, allow_outside_paths: bool = False) -> Source:
     try:
         source_class = __getattr__(class_name)
     except ModuleNotFoundError as exc:
@@ -63,43 +63,44 @@ def table_source(class_name: str, spec: str, policy: CaptionPolicy) -> Source:
             raise
         raise SourceError(f"reading {spec} needs pyarrow, which is not installed; "
                           "install it with `pip install pyarrow`") from exc
-    return source_class(spec, policy)
+    return source_class(spec, policy, allow_outside_paths)
 
 
-def open_source(spec: str, caption_policy: str = "error") -> Source:
+def open_source(spec: str, caption_policy: str = "error", allow_outside_paths: bool = False) -> Source:
     """The source a spec names; raises `SourceError` if it does not exist or is no known format.
 
     `caption_policy` says what a sample without a caption becomes: `error` (a
     `missing_caption` reject), `empty` (caption ""), or `filename` (the file
-    stem, with `_` and `-` read as spaces).
+    stem, with `_` and `-` read as spaces). `allow_outside_paths` lets a table's
+    image paths leave the dataset's folder (else they are `outside_root` rejects).
     """
     policy = check_policy(caption_policy)
     if spec.startswith(BUILTIN_PREFIX):
         return DigitsSource(spec)
     fs, path = fsspec.core.url_to_fs(spec)
     if any(ch in path for ch in "*?[{"):
-        return _file_source(spec, policy) or _not_a_source(
+        return _file_source(spec, policy, allow_outside_paths) or _not_a_source(
             f"the pattern {spec} must end in .tar or .parquet; a data source is {ACCEPTED}")
     if not fs.exists(path):
         raise SourceError(f"data source {spec} does not exist; check the path (data.source)")
     if fs.isdir(path):
         root = path.rstrip("/")
         if is_saved_dataset(fs, root):
-            return table_source("SavedDatasetSource", spec, policy)
+            return table_source("SavedDatasetSource", spec, policy, allow_outside_paths)
         if find_metadata(fs, root) is not None:
-            return MetadataSource(spec, policy)
+            return MetadataSource(spec, policy, allow_outside_paths)
         return FolderSource(spec, policy)
-    return _file_source(spec, policy) or _not_a_source(
+    return _file_source(spec, policy, allow_outside_paths) or _not_a_source(
         f"{spec} is not a data source stablediff can read; a data source is {ACCEPTED}")
 
 
-def _file_source(spec: str, policy: CaptionPolicy) -> Source | None:
+def _file_source(spec: str, policy: CaptionPolicy, allow_outside_paths: bool = False) -> Source | None:
     """Tar shards and parquet files, by their suffix (one file or a pattern of them)."""
     lowered = spec.lower()
     if lowered.endswith(SHARD_SUFFIXES):
         return TarSource(spec, policy)
     if lowered.endswith(".parquet"):
-        return table_source("ParquetSource", spec, policy)
+        return table_source("ParquetSource", spec, policy, allow_outside_paths)
     return None
 
 

@@ -64,16 +64,17 @@ def record_batches(handle) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
 class SavedDatasetSource(Source):
     """Samples from a `save_to_disk` folder (its `train` split for a DatasetDict)."""
 
-    def __init__(self, spec: str, caption_policy: CaptionPolicy = "error") -> None:
+    def __init__(self, spec: str, caption_policy: CaptionPolicy = "error", allow_outside_paths: bool = False) -> None:
         self.spec = spec
         self.caption_policy = caption_policy
+        self.allow_outside_paths = allow_outside_paths
         self.fs, root = fsspec.core.url_to_fs(spec)
         self.folder = split_folder(self.fs, root.rstrip("/"))
         self.files = arrow_files(self.fs, self.folder)
 
     def __iter__(self) -> Iterator[RawSample]:
         for file in self.files:
-            rows = TableRows(self.fs, file, self.folder, self.caption_policy)
+            rows = TableRows(self.fs, file, self.folder, self.caption_policy, self.allow_outside_paths)
             try:
                 with with_retry(lambda file=file: self.fs.open(file, "rb"), file) as handle:
                     schema, batches = record_batches(handle)

@@ -10,6 +10,8 @@ it in the quarantine like any other reject.
 
 from __future__ import annotations
 
+import posixpath
+import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -161,6 +163,29 @@ def classify(path: str) -> str:
 def resource_fork_sample(key: str, origin: str) -> RawSample:
     return RawSample(key, b"", None, None, origin, reject="resource_fork",
                      detail="macOS metadata file (AppleDouble/__MACOSX), not an image")
+
+
+def confined_path(root: str, path: str, allow_outside: bool = False) -> str | None:
+    """The file a table's image path names under `root`, or None when the path leaves it.
+
+    A table's path column is data, not configuration: absolute paths (`/etc/..`, `C:\\..`,
+    a URL) and `..` that climb out of the dataset's folder would read any file of the
+    machine into a model, so they count only with `data.allow_outside_paths: true`.
+    """
+    root = root.rstrip("/")
+    is_absolute = path.startswith(("/", "\\")) or bool(re.match(r"[A-Za-z]:|[a-z][\w+.-]*://", path))
+    if is_absolute:
+        return path if allow_outside else None
+    joined = posixpath.normpath(f"{root}/{path}")
+    if allow_outside or joined.startswith(f"{root}/"):
+        return joined
+    return None
+
+
+def outside_root_sample(key: str, origin: str, path: str, root: str) -> RawSample:
+    return RawSample(key, b"", None, None, origin, reject="outside_root",
+                     detail=f"the image path {path!r} points outside the dataset folder {root}; "
+                            "set data.allow_outside_paths: true to read it")
 
 
 def read_error_sample(key: str, origin: str, exc: BaseException) -> RawSample:

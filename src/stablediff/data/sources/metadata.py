@@ -1,6 +1,7 @@
 """A folder indexed by `metadata.jsonl` or `metadata.csv` (Hugging Face `imagefolder` layout).
 
-Each row names an image by `file_name` (relative to the metadata file) and
+Each row names an image by `file_name` (relative to the metadata file, and inside
+its folder unless `data.allow_outside_paths`: see `base.confined_path`) and
 gives its caption in `text` (or `caption`). Images in the folder that no row
 names are still yielded, with a missing caption, so they are reported rather
 than silently ignored.
@@ -22,8 +23,11 @@ from stablediff.data.sources.base import (
     Source,
     SourceError,
     classify,
+    confined_path,
     decode_caption,
+    outside_root_sample,
     read_bytes,
+    read_error_sample,
     resource_fork_sample,
 )
 from stablediff.data.sources.folder import image_sample, list_files, stem_key
@@ -72,9 +76,10 @@ def row_caption(row: dict) -> str | None:
 class MetadataSource(Source):
     """Images listed in `metadata.jsonl` / `metadata.csv` with `file_name` and `text`."""
 
-    def __init__(self, spec: str, caption_policy: CaptionPolicy = "error") -> None:
+    def __init__(self, spec: str, caption_policy: CaptionPolicy = "error", allow_outside_paths: bool = False) -> None:
         self.spec = spec
         self.caption_policy = caption_policy
+        self.allow_outside_paths = allow_outside_paths
         self.fs, root = fsspec.core.url_to_fs(spec)
         self.root = root.rstrip("/")
         name = find_metadata(self.fs, self.root)
@@ -102,14 +107,30 @@ class MetadataSource(Source):
             return RawSample(json.dumps(row)[:80], b"", None, None, origin, reject="bad_metadata",
                              detail="row has no file_name")
         file_name = file_name.removeprefix("./")
-        listed.add(file_name)
         stem = PurePosixPath(file_name).stem
         caption = decode_caption(row_caption(row), stem, self.caption_policy)
+        inside = confined_path(self.root, file_name)
+        if inside is None:
+            return self._outside_sample(file_name, caption)
+        file_name = inside[len(self.root) + 1:]  # `sub/../cat.png` is `cat.png`
+        listed.add(file_name)
         if file_name not in present:
             return RawSample(stem_key(file_name), b"", None, None, f"{self.root}/{file_name}",
                              reject="missing_image",
                              detail=f"listed in {self.metadata_name} but not found")
         return image_sample(self.fs, self.root, file_name, caption)
+
+    def _outside_sample(self, file_name: str, caption: tuple[str | None, str | None]) -> RawSample:
+        """A row naming a file outside the folder: read only with data.allow_outside_paths."""
+        key, origin = stem_key(file_name), f"{self.root}/{self.metadata_name}"
+        path = confined_path(self.root, file_name, allow_outside=True)
+        if not self.allow_outside_paths:
+            return outside_root_sample(key, origin, file_name, self.root)
+        try:
+            data = read_bytes(self.fs, path)
+        except OSError as exc:
+            return read_error_sample(key, origin, exc)
+        return RawSample(key, data, caption[0], caption[1], path)
 
     def _unlisted(self, files: list[str], listed: set[str]) -> Iterator[RawSample]:
         for relative in files:

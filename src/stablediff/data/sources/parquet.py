@@ -38,9 +38,10 @@ def resolve_files(spec: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
 class ParquetSource(Source):
     """Samples from the rows of one or more parquet files, in file and row order."""
 
-    def __init__(self, spec: str, caption_policy: CaptionPolicy = "error") -> None:
+    def __init__(self, spec: str, caption_policy: CaptionPolicy = "error", allow_outside_paths: bool = False) -> None:
         self.spec = spec
         self.caption_policy = caption_policy
+        self.allow_outside_paths = allow_outside_paths
         self.fs, self.files = resolve_files(spec)
 
     def __iter__(self) -> Iterator[RawSample]:
@@ -48,7 +49,8 @@ class ParquetSource(Source):
             yield from self._file_samples(file)
 
     def _file_samples(self, file: str) -> Iterator[RawSample]:
-        rows = TableRows(self.fs, file, str(PurePosixPath(file).parent), self.caption_policy)
+        rows = TableRows(self.fs, file, str(PurePosixPath(file).parent), self.caption_policy,
+                         self.allow_outside_paths)
         try:
             with with_retry(lambda: self.fs.open(file, "rb"), file) as handle:
                 parquet = pq.ParquetFile(handle)

@@ -1,8 +1,9 @@
 """Rows of an Arrow table -> samples; shared by the parquet and `save_to_disk` sources.
 
 The image column is `image`, holding the encoded bytes, a file path (relative
-to the table's folder), or, as the Hugging Face `Image` feature stores them, a
-struct `{bytes, path}` (a row with no bytes is read from `path`). The caption
+to the table's folder, and inside it unless `data.allow_outside_paths`), or, as
+the Hugging Face `Image` feature stores them, a struct `{bytes, path}` (a row
+with no bytes is read from `path`). The caption
 is `text` or `caption`. String columns are read as raw bytes so that a caption
 that is not valid UTF-8 is a `caption_not_utf8` reject, not a crash of the file.
 """
@@ -20,7 +21,9 @@ from stablediff.data.sources.base import (
     CaptionPolicy,
     RawSample,
     SourceError,
+    confined_path,
     decode_caption,
+    outside_root_sample,
     read_bytes,
     read_error_sample,
 )
@@ -53,9 +56,10 @@ class TableRows:
     """Turns record batches of one file into samples, keeping a running row number."""
 
     def __init__(self, fs: fsspec.AbstractFileSystem, file: str, base_dir: str,
-                 caption_policy: CaptionPolicy) -> None:
+                 caption_policy: CaptionPolicy, allow_outside_paths: bool = False) -> None:
         self.fs, self.file, self.base_dir = fs, file, base_dir
         self.caption_policy = caption_policy
+        self.allow_outside_paths = allow_outside_paths
         self.row = 0
 
     def samples(self, batches: Iterable[pa.RecordBatch], schema: pa.Schema) -> Iterator[RawSample]:
@@ -80,7 +84,9 @@ class TableRows:
             path, data = None, image
         key_text = self._key(key, path)
         if data is None and path:
-            full_path = path if path.startswith("/") else f"{self.base_dir}/{path}"
+            full_path = confined_path(self.base_dir, path, self.allow_outside_paths)
+            if full_path is None:
+                return outside_root_sample(key_text, origin, path, self.base_dir)
             try:
                 data = read_bytes(self.fs, full_path)
             except OSError as exc:
