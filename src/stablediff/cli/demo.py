@@ -7,7 +7,7 @@ import time
 import click
 import numpy as np
 
-from stablediff.cli.options import config_options, resolve_run
+from stablediff.cli.options import allow_config_change_option, config_options, resolve_run
 
 ADHERENCE_SAMPLES_PER_DIGIT = 20
 ADHERENCE_SEED = 1000  # disjoint from the sample grid's seeds
@@ -15,13 +15,14 @@ ADHERENCE_SEED = 1000  # disjoint from the sample grid's seeds
 
 @click.command()
 @config_options
-def demo(run_dir, overrides) -> None:
+@allow_config_change_option
+def demo(run_dir, overrides, allow_config_change: bool) -> None:
     """Train a small text-to-image model on the built-in digits, write samples, export it, check it."""
     started = time.perf_counter()
     config, run_dir = resolve_run("digits", run_dir if run_dir else None, overrides)
     from stablediff.training.run import run_training
 
-    result = run_training(config, run_dir)
+    result = run_training(config, run_dir, allow_config_change=allow_config_change)
     report = digit_adherence(result.pipeline, config)
     minutes = (time.perf_counter() - started) / 60
     click.echo(f"samples: {run_dir / 'samples' / 'final.png'}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from stablediff.cli.errors import UserError
-from stablediff.cli.options import config_options, resolve_run, trust_pickle_option
+from stablediff.cli.options import allow_config_change_option, config_options, resolve_run, trust_pickle_option
 
 
 @click.command()
@@ -13,7 +13,8 @@ from stablediff.cli.options import config_options, resolve_run, trust_pickle_opt
 @config_options
 @click.option("--fresh", is_flag=True, help="Refuse to reuse a non-empty run directory instead of resuming.")
 @trust_pickle_option
-def train(config_name: str, run_dir, overrides, fresh: bool, trust_pickle: bool) -> None:
+@allow_config_change_option
+def train(config_name: str, run_dir, overrides, fresh: bool, trust_pickle: bool, allow_config_change: bool) -> None:
     """Train the model described by CONFIG (a YAML file or a bundled recipe: digits, tiny)."""
     config, run_dir = resolve_run(config_name, run_dir, overrides)
     from stablediff.training.checkpointing import TrainingInterrupted
@@ -21,13 +22,18 @@ def train(config_name: str, run_dir, overrides, fresh: bool, trust_pickle: bool)
     from stablediff.training.unet_stage import TrainingDiverged
 
     try:
-        result = run_training(config, run_dir, fresh=fresh, trust_pickle=trust_pickle)
+        result = run_training(config, run_dir, fresh=fresh, trust_pickle=trust_pickle,
+                              allow_config_change=allow_config_change)
     except TrainingInterrupted as stop:
         click.echo(str(stop), err=True)
         return
     except TrainingDiverged as exc:
         raise UserError(str(exc)) from None
     if result is None:  # a torchrun rank other than 0: rank 0 reports
+        return
+    if result.complete_at is not None:
+        click.echo(f"run already complete at step {result.complete_at}; model in {result.export_dir}; "
+                   f"samples in {run_dir / 'samples'}")
         return
     click.echo(f"done: final loss {result.final_loss:.4f}; model in {result.export_dir}; "
                f"samples in {run_dir / 'samples'}")
