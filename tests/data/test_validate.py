@@ -145,3 +145,23 @@ def test_reject_fraction_with_a_plain_count_and_an_empty_source():
 
 def test_no_rejects_by_reason_passes_the_fraction_check():
     check_reject_fraction({}, 10, 0.0)
+
+
+def test_a_resumed_run_quarantines_each_rejected_file_once(corpus_specs, tmp_path):
+    for _ in range(2):  # the run, then its resume judging the same files again
+        validator = Validator()
+        with Quarantine(tmp_path) as quarantine:
+            list(filter_valid(open_source(corpus_specs["tar"]), validator, quarantine))
+        assert quarantine.counts == validator.rejects  # counted every time, written once
+    records = [json.loads(line) for line in (tmp_path / "quarantine.jsonl").read_text().splitlines()]
+    assert sorted(r["key"] for r in records) == sorted(k for k, reason in expected("tar").items() if reason)
+
+
+def test_the_torn_last_line_of_a_killed_run_is_cut_before_appending(tmp_path):
+    killed = '{"key": "a", "origin": "a.png", "reason": "zero_bytes"}\n{"key": "b", "or'
+    (tmp_path / "quarantine.jsonl").write_text(killed)
+    sample = RawSample("b", b"", None, None, "b.png")
+    with Quarantine(tmp_path) as quarantine:
+        quarantine.add(sample, Validator().judge(sample))
+    records = [json.loads(line) for line in (tmp_path / "quarantine.jsonl").read_text().splitlines()]
+    assert [(r["key"], r["reason"]) for r in records] == [("a", "zero_bytes"), ("b", "zero_bytes")]

@@ -8,7 +8,7 @@ import click
 import numpy as np
 
 from stablediff.cli.locking import claim_run_stores, run_dir_locked
-from stablediff.cli.options import config_options, resolve_run
+from stablediff.cli.options import allow_config_change_option, config_options, resolve_run
 
 ADHERENCE_SAMPLES_PER_DIGIT = 20
 ADHERENCE_SEED = 1000  # disjoint from the sample grid's seeds
@@ -16,7 +16,8 @@ ADHERENCE_SEED = 1000  # disjoint from the sample grid's seeds
 
 @click.command()
 @config_options
-def demo(run_dir, overrides) -> None:
+@allow_config_change_option
+def demo(run_dir, overrides, allow_config_change: bool) -> None:
     """Train a small text-to-image model on the built-in digits, write samples, export it, check it."""
     started = time.perf_counter()
     config, run_dir = resolve_run("digits", run_dir if run_dir else None, overrides)
@@ -24,7 +25,7 @@ def demo(run_dir, overrides) -> None:
         claim_run_stores(run_dir, config.checkpoint.replicas)
         from stablediff.training.run import run_training
 
-        result = run_training(config, run_dir)
+        result = run_training(config, run_dir, allow_config_change=allow_config_change)
     report = digit_adherence(result.pipeline, config)  # reads the model in memory: no lock needed
     minutes = (time.perf_counter() - started) / 60
     click.echo(f"samples: {run_dir / 'samples' / 'final.png'}")

@@ -29,3 +29,8 @@ def resolve_run(config_name: str, run_dir: Path | None, overrides: tuple[str, ..
 trust_pickle_option = click.option(
     "--trust-pickle", is_flag=True,
     help="Allow loading pickle-based weights (.bin/.ckpt/.pt); they can run code, so only for files you trust.")
+
+allow_config_change_option = click.option(
+    "--allow-config-change", is_flag=True,
+    help="Resume even though the config (or data, or text encoder) changes what the run trains, e.g. "
+         "data.source or unet.*; the change is recorded in metrics.jsonl and the checkpoint.")

@@ -22,6 +22,7 @@ import blake3
 from PIL import Image, UnidentifiedImageError
 
 from stablediff.data.sources.base import RawSample
+from stablediff.run_files import cut_torn_tail, read_lines
 
 # Reasons, exact strings: tests, reports and quarantine.jsonl use them.
 IMAGE_REASONS = ("zero_bytes", "undecodable", "truncated", "decompression_bomb", "too_small",
@@ -262,7 +263,9 @@ def filter_valid(samples: Iterable[RawSample], validator: Validator,
 class Quarantine:
     """Appends a JSON line `{key, origin, reason, detail}` per reject to RUN_DIR/quarantine.jsonl.
 
-    Each line is flushed as it is written, so the record survives a crash.
+    Each line is flushed as it is written, so the record survives a crash. A resumed
+    run judges the same files again: a reject already in the file is not written twice
+    (each rejected file once), and a torn last line of a killed run is cut off first.
     """
 
     run_dir: str | Path
@@ -272,17 +275,23 @@ class Quarantine:
     def __post_init__(self) -> None:
         self.path = Path(self.run_dir) / self.filename
         self._file = None
+        self._recorded: set[tuple] = set()
 
     def add(self, sample: RawSample, verdict: Verdict) -> None:
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._recorded = {_reject_id(r) for _, r in read_lines(self.path) if r is not None}
+            cut_torn_tail(self.path)
             self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open across adds
         record = {"key": sample.key, "origin": sample.origin, "reason": verdict.reason,
                   "detail": verdict.detail}
+        self.counts[verdict.reason] += 1
+        if _reject_id(record) in self._recorded:
+            return
+        self._recorded.add(_reject_id(record))
         # ensure_ascii: keys from non-UTF-8 file names carry lone surrogates.
         self._file.write(json.dumps(record, ensure_ascii=True) + "\n")
         self._file.flush()
-        self.counts[verdict.reason] += 1
 
     def close(self) -> None:
         if self._file is not None:
@@ -294,6 +303,11 @@ class Quarantine:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _reject_id(record: dict) -> tuple:
+    """What makes two quarantine lines the same reject: the sample and the reason (the detail is prose)."""
+    return record.get("origin"), record.get("key"), record.get("reason")
 
 
 def check_reject_fraction(rejected: int | Mapping[str, int], total: int, max_fraction: float,

@@ -34,11 +34,12 @@ def open_stores(run_dir: Path, cfg: CheckpointConfig) -> tuple[CheckpointStore, 
 
 
 def find_resume(primary: CheckpointStore, replicas: list[CheckpointStore], say: Callable[[str], None],
-                timings: dict[str, float] | None = None) -> LoadedCheckpoint | None:
+                timings: dict[str, float] | None = None, announce: bool = True) -> LoadedCheckpoint | None:
     """The newest verifying checkpoint, or None for a fresh run; says what it skipped or repaired.
 
     `timings` receives wall-clock marks (manifest scan done, load and verification done)
-    for the recovery benchmark.
+    for the recovery benchmark. `announce=False` leaves "resumed from step N" to the
+    caller, which first checks that the config and data still fit the checkpoint.
     """
     timings = {} if timings is None else timings
     found = bool(primary.steps()) or any(_has_checkpoints(r) for r in replicas)
@@ -53,7 +54,8 @@ def find_resume(primary: CheckpointStore, replicas: list[CheckpointStore], say: 
     timings["loaded"] = time.time()
     for note in loaded.notes():
         say(note)
-    say(f"resumed from step {loaded.step}")
+    if announce:
+        say(f"resumed from step {loaded.step}")
     return loaded
 
 

@@ -26,7 +26,10 @@ from stablediff.training import state as train_state
 from stablediff.training.checkpointing import RunCheckpointer, find_resume, open_stores
 from stablediff.data.features import FeatureCache
 from stablediff.training.features import bucket_step, encode_dataset_cached
+from stablediff.training.finished import completed_step, outputs_up_to_date
 from stablediff.training.metrics import MetricsLog
+from stablediff.training.resume_check import ResumeCheck, explain_load_errors, start_resume_check
+from stablediff.training.run_configs import write_run_config
 from stablediff.training.seeding import seed_everything
 from stablediff.training import distributed
 from stablediff.training.hooks import make_hooks
@@ -42,6 +45,7 @@ class RunResult:
     vae_report: VAEReport | None
     final_loss: float
     pipeline: object
+    complete_at: int | None = None  # the run had already reached max_steps at this step when started
 
 
 def say(message: str) -> None:
@@ -51,12 +55,24 @@ def say(message: str) -> None:
 
 
 def prepare_run_dir(config: RunConfig, run_dir: Path, fresh: bool) -> None:
+    """The folders; config.yaml is written by `commit_run_files` once a resume has been checked."""
     if fresh and run_dir.exists() and has_run_content(run_dir):  # the lock and owner file are no content
         raise FileExistsError(f"--fresh: {run_dir} is not empty; choose a new --run-dir or remove it")
     run_dir.mkdir(parents=True, exist_ok=True)
     for sub in ("samples", "export"):
         (run_dir / sub).mkdir(exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(config))
+
+
+def commit_run_files(config: RunConfig, run_dir: Path, resume, check: ResumeCheck | None, metrics: MetricsLog,
+                     state_extra: dict) -> None:
+    """After the resume checks pass: drop the metrics of steps to be redone, keep every config, record changes."""
+    if resume is None:  # no checkpoint: the run starts over, and so does its log
+        metrics.rewind(None, None)
+    else:
+        metrics.rewind(resume.meta.get("stage", train_state.UNET_STAGE), resume.step)
+    write_run_config(run_dir, dump_config(config), resume.step if resume else 0, keep_previous=resume is not None)
+    if check is not None:
+        check.record(metrics, state_extra)
 
 
 def load_training_images(config: RunConfig, run_dir: Path) -> CaptionedImages:
@@ -90,6 +106,7 @@ class Stage2:
     held_out: torch.Tensor
     held_out_captions: list[str] | None
     scaling_factor: float
+    complete_at: int | None = None  # set when the resumed checkpoint already reached train.max_steps
 
     def pipeline(self):
         """A diffusers pipeline around the EMA weights (latent models only)."""
@@ -100,7 +117,8 @@ class Stage2:
         return pipe.to(self.state.precision.device)
 
 
-def run_training(config: RunConfig, run_dir: Path, fresh: bool = False, trust_pickle: bool = False) -> RunResult:
+def run_training(config: RunConfig, run_dir: Path, fresh: bool = False, trust_pickle: bool = False,
+                 allow_config_change: bool = False) -> RunResult:
     """A whole run; under torchrun every rank calls this and rank 0 writes the run directory."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if config.train.threads:
@@ -109,13 +127,14 @@ def run_training(config: RunConfig, run_dir: Path, fresh: bool = False, trust_pi
     device = resolve_device(config.train.device, dist_info.local_rank)
     distributed.init(dist_info, device)
     try:
-        stage = train_stage2(config, run_dir, fresh, trust_pickle, dist_info, device)
+        stage = train_stage2(config, run_dir, fresh, trust_pickle, dist_info, device, allow_config_change)
         return export_and_sample(config, run_dir, stage) if dist_info.is_main else None
     finally:
         distributed.shutdown()
 
 
-def train_stage2(config: RunConfig, run_dir: Path, fresh: bool, trust_pickle: bool, dist_info, device) -> Stage2:
+def train_stage2(config: RunConfig, run_dir: Path, fresh: bool, trust_pickle: bool, dist_info, device,
+                 allow_config_change: bool = False) -> Stage2:
     """Build (or restore) stage 2 and run its loop with checkpoints, validation and rollback."""
     if dist_info.is_main:
         prepare_run_dir(config, run_dir, fresh)
@@ -124,8 +143,15 @@ def train_stage2(config: RunConfig, run_dir: Path, fresh: bool, trust_pickle: bo
     metrics = MetricsLog(run_dir / "metrics.jsonl") if dist_info.is_main else None
     primary, replicas = open_stores(run_dir, config.checkpoint)
     timings = {"run_start": time.time()}
-    resume = find_resume(primary, replicas, say, timings)
-    stage = build_stage2(config, run_dir, resume, metrics, trust_pickle, dist_info, device)
+    resume = find_resume(primary, replicas, say, timings, announce=False)
+    check = start_resume_check(config, run_dir, resume, allow_config_change, say)  # before any work
+    if resume is None and dist_info.is_main:
+        commit_run_files(config, run_dir, None, None, metrics, {})
+    with explain_load_errors(check):
+        stage = build_stage2(config, run_dir, resume, metrics, trust_pickle, dist_info, device, check)
+    if resume is not None and dist_info.is_main:
+        commit_run_files(config, run_dir, resume, check, metrics, stage.state.extra)
+    stage.complete_at = completed_step(resume, config.train.max_steps)
     timings["rebuilt"] = time.time()
     checkpointer = RunCheckpointer(primary, replicas, config.checkpoint, say, dist_info)
     checkpointer.install_signal_handlers()
@@ -161,14 +187,22 @@ def describe_batch(config: RunConfig, dist_info) -> str:
 
 
 def build_stage2(config: RunConfig, run_dir: Path, resume, metrics: MetricsLog | None, trust_pickle: bool,
-                 dist_info=distributed.DistInfo(), device=torch.device("cpu")) -> Stage2:
-    """Data, text encoder, VAE (stage 1), encoded features and the UNet train state."""
+                 dist_info=distributed.DistInfo(), device=torch.device("cpu"), check: ResumeCheck | None = None
+                 ) -> Stage2:
+    """Data, text encoder, VAE (stage 1), encoded features and the UNet train state.
+
+    `check` compares the data and text-encoder fingerprints with the resumed checkpoint's
+    as soon as both are loaded, before anything is restored."""
     seed_everything(config.seed)
     # Only rank 0 writes the run's quarantine file; the others judge the same samples silently.
     data_dir = run_dir if dist_info.is_main else Path(tempfile.mkdtemp(prefix="stablediff-rank"))
     loaded = load_training_images(config, data_dir)
     images, held_out, captions = loaded.images, loaded.held_out, loaded.captions
     text_encoder = load_text_encoder(config.text_encoder.name, config.text_encoder.max_length, trust_pickle)
+    fingerprints = {"code": train_state.code_fingerprint(), "data": train_state.data_fingerprint(images, captions),
+                    "text_encoder": text_encoder.fingerprint}
+    if check is not None:
+        check.check_fingerprints(fingerprints)
     if config.vae.enabled:
         vae, vae_report = vae_stage(config, images, held_out, resume, metrics, trust_pickle)
         data = encode_features(config, run_dir, vae, loaded, text_encoder)
@@ -188,9 +222,8 @@ def build_stage2(config: RunConfig, run_dir: Path, resume, metrics: MetricsLog |
     state.extra = {"vae_scaling_factor": scaling_factor,
                    "vae_report": asdict(vae_report) if vae_report else None}
     if resume is not None:
-        train_state.restore(state, resume.tensors, resume.meta, rank=dist_info.rank)
-    fingerprints = {"code": train_state.code_fingerprint(), "data": train_state.data_fingerprint(images, captions),
-                    "text_encoder": text_encoder.fingerprint}
+        meta = check.restorable_meta(state.sampler) if check is not None else resume.meta
+        train_state.restore(state, resume.tensors, meta, rank=dist_info.rank)
     capture = partial(capture_all_ranks, state, vae, config.model_dump(mode="json"), fingerprints, dist_info)
     return Stage2(vae, text_encoder, data, state, noise_scheduler, capture, vae_report, held_out,
                   loaded.held_out_captions, scaling_factor)
@@ -224,17 +257,21 @@ def export_and_sample(config: RunConfig, run_dir: Path, stage: Stage2) -> RunRes
     """The EMA weights as a diffusers pipeline folder, and the final sample grid."""
     from stablediff.training.periodic import write_samples
 
-    if stage.vae is None:  # no StableDiffusionPipeline without a VAE: the UNet and scheduler alone
-        export_dir = run_dir / "export" / "pixel"
+    pixel = stage.vae is None  # no StableDiffusionPipeline without a VAE: the UNet and scheduler alone
+    export_dir = run_dir / "export" / ("pixel" if pixel else "diffusers")
+    pipe = None if pixel else stage.pipeline()
+    result = RunResult(run_dir, export_dir, stage.vae_report, stage.state.last_loss, pipe, stage.complete_at)
+    final_grid = run_dir / "samples" / "final.png"
+    if stage.complete_at is not None and outputs_up_to_date(stage.complete_at, export_dir, final_grid,
+                                                            run_dir / "checkpoints", pixel, say):
+        return result
+    if pixel:
         stage.state.ema.model.save_pretrained(export_dir / "unet", safe_serialization=True)
         stage.noise_scheduler.save_pretrained(export_dir / "scheduler")
-        pipe = None
     else:
-        pipe = stage.pipeline()
-        export_dir = run_dir / "export" / "diffusers"
         pipe.save_pretrained(export_dir, safe_serialization=True)
-    write_samples(stage, config, run_dir / "samples" / "final.png")
-    return RunResult(run_dir, export_dir, stage.vae_report, stage.state.last_loss, pipe)
+    write_samples(stage, config, final_grid)
+    return result
 
 
 def vae_stage(config: RunConfig, images, held_out, resume, metrics: MetricsLog, trust_pickle: bool = False):

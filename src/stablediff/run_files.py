@@ -1,0 +1,80 @@
+"""Small files of a run directory that must survive a crash: atomic replacement and JSON-lines logs.
+
+`metrics.jsonl`, `quarantine.jsonl` and `config.yaml` are appended or rewritten
+while a run may be killed at any instant. A rewrite goes to a temporary sibling
+that is fsynced and renamed over the file (then the directory is fsynced), so a
+reader sees the old file or the new one, never half of each. A SIGKILL during
+an append can leave a torn last line; readers skip it and the next writer cuts
+it off before appending, so it is never glued to the next record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+def replace_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a fsynced temporary sibling and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_lines(path: Path) -> list[tuple[bytes, dict | None]]:
+    """Every complete line of a JSON-lines file with its record (None where it does not parse).
+
+    A last line without its newline is a torn append and is left out.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    lines = data.splitlines(keepends=True)
+    if lines and not lines[-1].endswith(b"\n"):
+        lines.pop()
+    return [(line, _parse(line)) for line in lines]
+
+
+def _parse(line: bytes) -> dict | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def cut_torn_tail(path: Path) -> None:
+    """Truncate a torn last line (a killed append) so the next append starts on a line of its own."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return
+    if size == 0:
+        return
+    with path.open("rb+") as handle:
+        handle.seek(size - 1)
+        if handle.read(1) == b"\n":
+            return
+        handle.seek(0)
+        data = handle.read()
+        handle.truncate(data.rfind(b"\n") + 1)
