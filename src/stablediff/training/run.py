@@ -223,15 +223,22 @@ def export_and_sample(config: RunConfig, run_dir: Path, stage: Stage2) -> RunRes
     """The EMA weights as a diffusers pipeline folder, and the final sample grid."""
     from stablediff.training.periodic import write_samples
 
+    from stablediff.models.atomic_output import save_folder, save_pipeline_folder
+
+    # Atomic (models/atomic_output.py): a crash or full disk leaves the previous export whole.
     if stage.vae is None:  # no StableDiffusionPipeline without a VAE: the UNet and scheduler alone
         export_dir = run_dir / "export" / "pixel"
-        stage.state.ema.model.save_pretrained(export_dir / "unet", safe_serialization=True)
-        stage.noise_scheduler.save_pretrained(export_dir / "scheduler")
+
+        def write_pixel(tmp: Path) -> None:
+            stage.state.ema.model.save_pretrained(tmp / "unet", safe_serialization=True)
+            stage.noise_scheduler.save_pretrained(tmp / "scheduler")
+
+        save_folder(write_pixel, export_dir, replace=True, step=stage.state.step)
         pipe = None
     else:
         pipe = stage.pipeline()
         export_dir = run_dir / "export" / "diffusers"
-        pipe.save_pretrained(export_dir, safe_serialization=True)
+        save_pipeline_folder(pipe, export_dir, replace=True, step=stage.state.step)
     write_samples(stage, config, run_dir / "samples" / "final.png")
     return RunResult(run_dir, export_dir, stage.vae_report, stage.state.last_loss, pipe)
 
