@@ -1,10 +1,13 @@
 """MODEL resolution: diffusers folder, run directory, single file; and what it is called and hashed as."""
 
 import hashlib
+import os
 import shutil
 
 import pytest
+import torch
 
+from stablediff.checkpoint import CheckpointStore
 from stablediff.inference.resolve import model_hash, resolve_model
 
 
@@ -19,6 +22,32 @@ def test_a_run_directory_means_its_export_named_after_the_run(tiny_model, tmp_pa
     source = resolve_model(run)
     assert (source.kind, source.path, source.name) == ("folder", (run / "export" / "diffusers").resolve(), "my-run")
     assert resolve_model(run / "export" / "diffusers").name == "my-run"
+
+
+def test_a_run_whose_export_holds_an_older_step_than_its_newest_checkpoint_uses_the_checkpoint(tiny_model, tmp_path):
+    run = tmp_path / "run"
+    export = run / "export" / "diffusers"
+    shutil.copytree(tiny_model, export)
+    (export / "stablediff_export.json").write_text('{"step": 2, "weights": "ema"}')
+    store = CheckpointStore(run / "checkpoints")
+    store.save(2, {"unet/w": torch.zeros(2)})
+    assert resolve_model(run).kind == "folder"
+    store.save(5, {"unet/w": torch.ones(2)})  # e.g. a resumed run whose final export failed
+    source = resolve_model(run)
+    assert (source.kind, source.path, source.step) == ("run", run.resolve(), None)
+    assert f"{export.resolve()} holds step 2, older than the run's newest checkpoint (step 5)" in source.note
+
+
+def test_an_export_without_a_step_record_is_judged_by_its_time(tiny_model, tmp_path):
+    run = tmp_path / "run"
+    export = run / "export" / "diffusers"
+    shutil.copytree(tiny_model, export)
+    CheckpointStore(run / "checkpoints").save(5, {"unet/w": torch.ones(2)})
+    os.utime(export / "model_index.json", (0, 0))  # written long before the checkpoint
+    source = resolve_model(run)
+    assert source.kind == "run" and "was written before the run's newest checkpoint (step 5)" in source.note
+    os.utime(export / "model_index.json")  # now: newer than every checkpoint
+    assert resolve_model(run).kind == "folder"
 
 
 def test_step_or_best_or_no_export_mean_the_runs_checkpoints(tmp_path):

@@ -33,13 +33,33 @@ def is_model_target(target: str) -> bool:
 
 
 def check_out(out: Path, force: bool) -> None:
+    """Remove what an interrupted write to OUT left behind (it is ours, never a model), then refuse to
+    overwrite OUT without --force."""
+    from stablediff.models.atomic_output import clean_leftovers
+
+    for leftover in clean_leftovers(out):
+        click.echo(f"removed {leftover}, the partial output of an interrupted write to {out.name}", err=True)
     if out.exists() and not force:
         raise UserError(f"{out} already exists; choose another output path or pass --force to replace it")
 
 
-def wrote(out: Path) -> None:
+def wrote(out: Path, origin: str = "") -> None:
     size = out.stat().st_size if out.is_file() else sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    click.echo(f"wrote {out} ({size / 2**20:.1f} MiB)")
+    click.echo(f"wrote {out} ({size / 2**20:.1f} MiB)" + (f" from {origin}" if origin else ""))
+
+
+def export_origin(loaded, step: int | None, best: bool) -> str:
+    """Which step was exported and why that one: the user asked, it is the best, or the newest that loads."""
+    if step is not None:
+        return f"step {loaded.step}, as asked"
+    if best:
+        return f"step {loaded.step}, the best by val_loss"
+    if not loaded.skipped:
+        return f"step {loaded.step}, the newest checkpoint"
+    newest = loaded.skipped[0]
+    more = f" ({len(loaded.skipped)} newer checkpoints skipped)" if len(loaded.skipped) > 1 else ""
+    return (f"step {loaded.step}, NOT the newest: step {newest.step} cannot be loaded ({newest.reason}){more}; "
+            "see `stablediff ckpt verify`")
 
 
 def show_model_info(target: str, trust_pickle: bool) -> None:
@@ -61,6 +81,7 @@ def show_model_info(target: str, trust_pickle: bool) -> None:
 def export(run_dir: Path, fmt: str, step, best: bool, ema: bool, out: Path | None, force: bool,
            trust_pickle: bool) -> None:
     """Write a run's checkpoint as a diffusers folder, an SD single file, or its LoRA adapters."""
+    from stablediff.models.atomic_output import save_pipeline_folder
     from stablediff.models.run_export import load_run_checkpoint, pipeline_from_checkpoint, save_lora
 
     loaded = load_run_checkpoint(run_dir, step, best)
@@ -76,13 +97,14 @@ def export(run_dir: Path, fmt: str, step, best: bool, ema: bool, out: Path | Non
     else:
         pipe = pipeline_from_checkpoint(loaded, ema, trust_pickle, source)
         if fmt == "diffusers":
-            pipe.save_pretrained(out, safe_serialization=True)
+            save_pipeline_folder(pipe, out, replace=force, step=loaded.step, weights=weights)
         else:
             from stablediff.models.single_file import save_single_file
 
+            # the run's name, not its path: files are shared, and paths tell usernames and layouts
             save_single_file(pipe, out, {"stablediff.run": {"step": loaded.step, "weights": weights,
-                                                            "run_dir": str(run_dir)}})
-    wrote(out)
+                                                            "run": run_dir.resolve().name}})
+    wrote(out, export_origin(loaded, step, best))
 
 
 @click.command()
@@ -96,6 +118,7 @@ def convert(source: Path, out: Path, force: bool, tokenizer: Path | None, trust_
 
     A .ckpt (with --trust-pickle) -> OUT.safetensors keeps its tensors as they are.
     """
+    from stablediff.models.atomic_output import save_pipeline_folder
     from stablediff.models.model_io import read_model_file
     from stablediff.models.single_file import load_single_file_pipeline, save_single_file, write_safetensors
 
@@ -115,8 +138,7 @@ def convert(source: Path, out: Path, force: bool, tokenizer: Path | None, trust_
         if out.suffix.lower() in MODEL_SUFFIXES:
             raise UserError(f"{out}: stablediff writes safetensors or diffusers folders, never pickles; "
                             "name the output .safetensors or give a folder name")
-        pipe = load_single_file_pipeline(source, trust_pickle, tokenizer=tokenizer)
-        pipe.save_pretrained(out, safe_serialization=True)
+        save_pipeline_folder(load_single_file_pipeline(source, trust_pickle, tokenizer=tokenizer), out, force)
     wrote(out)
 
 
@@ -134,7 +156,7 @@ def merge(models: tuple[Path, ...], method: str, alpha: float, out: Path, force:
 
     check_out(out, force)
     state, metadata = merge_files(list(models), method, alpha, trust_pickle)
-    write_model(state, metadata, out, f"merge of {', '.join(map(str, models))}")
+    write_model(state, metadata, out, f"merge of {', '.join(map(str, models))}", replace=force)
     wrote(out)
 
 
@@ -153,7 +175,7 @@ def prune(source: Path, out: Path, dtype: str | None, ema_only: bool, force: boo
     check_out(out, force)
     state, metadata = read_model(source, trust_pickle)
     pruned, dropped = prune_state(state, DTYPES.get(dtype or ""), ema_only, str(source))
-    write_model(pruned, metadata, out, str(source))
+    write_model(pruned, metadata, out, str(source), replace=force)
     if dropped:
         click.echo("dropped " + ", ".join(f"{n} {group}*" for group, n in sorted(dropped.items())))
     wrote(out)

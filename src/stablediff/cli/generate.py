@@ -114,6 +114,8 @@ def generate(model, prompt, negative, steps, sampler, guidance, seed, num, size,
         raise UserError(f"init image {init_image} does not exist; give the path of a PNG or JPEG image")
     check_folder_target(out, "--out")  # before any model is loaded
     loaded = load_pipeline(model, step=step, best=best, trust_pickle=trust_pickle)
+    if loaded.source.note:  # e.g. a run whose export is older than its newest checkpoint
+        click.echo(f"note: {loaded.source.note}", err=True)
     write_images(run_request(loaded, request, init_image, mask), out, seed, embed_paths)
 
 
@@ -148,6 +150,8 @@ def regenerate(png: Path, model, out: Path, loras, init_image, mask, step, best,
     lora_paths = tuple(parse_lora_arg(text).path for text in loras)
     plan = plan_recreation(png, model, lora_paths, init_image, mask, step, best)
     loaded = load_pipeline(plan.model, step=plan.step, best=plan.best, trust_pickle=trust_pickle)
+    if loaded.source.note:
+        click.echo(f"note: {loaded.source.note}", err=True)
     if plan.model_hash and plan.model_hash != loaded.model_hash:
         click.secho(f"warning: {png} was made with model hash {plan.model_hash}, {plan.model} has "
                     f"{loaded.model_hash}; the image will differ", fg="yellow", err=True)

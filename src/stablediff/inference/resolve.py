@@ -2,8 +2,10 @@
 
 - a diffusers pipeline folder (model_index.json);
 - a single `.safetensors` (or, with trust_pickle, `.ckpt`) file in the original SD layout;
-- a run directory: its `export/diffusers` folder, or a checkpoint from its store
-  when `step` or `best` is given (or when nothing was exported yet).
+- a run directory: its `export/diffusers` folder while that holds the newest
+  checkpoint, else a checkpoint from its store: when `step` or `best` is given,
+  when nothing was exported yet, or when the export is older than the newest
+  checkpoint (a failed final export, a resumed run); `note` then says why.
 
 The model hash written into PNG metadata is A1111's AutoV2 of one file: the
 single file itself, or for a diffusers folder the UNet's weights file (the
@@ -27,6 +29,7 @@ class ModelSource:
     name: str  # the infotext's "Model"
     step: int | None = None
     best: bool = False
+    note: str | None = None  # for the user: why a run's export was not used
 
     def weights_file(self) -> Path | None:
         if self.kind == "single_file":
@@ -63,11 +66,38 @@ def resolve_model(model: str | Path, step: int | None = None, best: bool = False
     if (path / "model_index.json").is_file():
         return ModelSource("folder", path, _folder_name(path))
     if (path / "export" / "diffusers" / "model_index.json").is_file():
-        return ModelSource("folder", path / "export" / "diffusers", path.name)
+        stale = stale_export(path, path / "export" / "diffusers")
+        if stale is None:
+            return ModelSource("folder", path / "export" / "diffusers", path.name)
+        return ModelSource("run", path, path.name, note=stale)
     if (path / "checkpoints").is_dir():
         return ModelSource("run", path, path.name)
     raise ValueError(f"{path} is neither a diffusers pipeline folder (model_index.json) nor a run directory "
                      "with export/diffusers or checkpoints/; train one with `stablediff demo` or `stablediff train`")
+
+
+def stale_export(run: Path, export: Path) -> str | None:
+    """Why `export` is older than the run's newest checkpoint, or None when it holds that step."""
+    from stablediff.checkpoint import CheckpointStore
+    from stablediff.models.export_record import exported_step
+
+    if not (run / "checkpoints" / "manifests").is_dir():
+        return None
+    steps = CheckpointStore(run / "checkpoints").steps()
+    if not steps:
+        return None
+    newest, step = steps[-1], exported_step(export)
+    if step is None:  # an export from before the step was recorded: compare times instead
+        manifest = run / "checkpoints" / CheckpointStore.manifest_rel(newest)
+        if manifest.stat().st_mtime <= (export / "model_index.json").stat().st_mtime:
+            return None
+        made = "was written before"
+    elif step >= newest:
+        return None
+    else:
+        made = f"holds step {step}, older than"
+    return (f"{export} {made} the run's newest checkpoint (step {newest}), so that checkpoint is used instead; "
+            f"`stablediff ckpt export {run} --format diffusers --out {export} --force` updates the export")
 
 
 def _is_run_dir(path: Path) -> bool:

@@ -46,8 +46,11 @@ def read_model(path: Path, trust_pickle: bool = False) -> tuple[dict[str, torch.
     return read_model_file(path, trust_pickle)
 
 
-def write_model(state: dict[str, torch.Tensor], metadata: dict[str, str], out: Path, source: str) -> Path:
-    """A `.safetensors` path gets a single file; any other path a diffusers pipeline folder."""
+def write_model(state: dict[str, torch.Tensor], metadata: dict[str, str], out: Path, source: str,
+                replace: bool = False) -> Path:
+    """A `.safetensors` path gets a single file; any other path a diffusers pipeline folder. Both are
+    written atomically (models/atomic_output.py); `replace` lets a folder replace an existing one."""
+    from stablediff.models.atomic_output import save_pipeline_folder
     from stablediff.models.single_file import pipeline_from_state, write_safetensors
 
     out = Path(out)
@@ -56,8 +59,7 @@ def write_model(state: dict[str, torch.Tensor], metadata: dict[str, str], out: P
     if out.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
         raise ValueError(f"{out}: stablediff writes only safetensors (no pickles); name the output .safetensors "
                          "for a single file, or a folder name for a diffusers pipeline")
-    pipeline_from_state(state, metadata, source).save_pretrained(out, safe_serialization=True)
-    return out
+    return save_pipeline_folder(pipeline_from_state(state, metadata, source), out, replace)
 
 
 # -- merge ---------------------------------------------------------------------------------------

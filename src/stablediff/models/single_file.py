@@ -11,8 +11,6 @@ such metadata; their architecture is inferred from the tensors
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -173,17 +171,38 @@ def save_single_file(pipe_or_components, path: Path, metadata: dict | None = Non
 
 
 def write_safetensors(state: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> Path:
-    """Atomic write (temp file, then rename): an interrupted export never leaves a torn file."""
-    from safetensors.torch import save_file
+    """Atomic, durable write (models/atomic_output.py): an interrupted export never leaves a torn file."""
+    from safetensors.torch import save
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from stablediff.models.atomic_output import write_file
+
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": "pt", **metadata})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return write_file(Path(path), save(tensors, metadata={"format": "pt", **portable_metadata(metadata)}))
+
+
+# Keys of our JSON metadata that hold local absolute paths (transformers' `_name_or_path`, a run's
+# directory): they leak usernames and folder layouts when files are shared, and no loader needs them.
+_LOCAL_PATH_KEYS = ("_name_or_path", "name_or_path", "run_dir")
+
+
+def portable_metadata(metadata: dict[str, str]) -> dict[str, str]:
+    """`metadata` with the local-path keys removed from the JSON values of our `stablediff.*` entries."""
+    out = {}
+    for key, value in metadata.items():
+        if key.startswith(META):
+            try:
+                parsed = json.loads(value)
+            except ValueError:
+                parsed = None
+            if parsed is not None and _without_paths(parsed) != parsed:  # rewrite only what held a path
+                value = json.dumps(_without_paths(parsed))
+        out[key] = value
+    return out
+
+
+def _without_paths(value):
+    if isinstance(value, dict):
+        return {k: _without_paths(v) for k, v in value.items() if k not in _LOCAL_PATH_KEYS}
+    if isinstance(value, list):
+        return [_without_paths(v) for v in value]
+    return value

@@ -257,6 +257,8 @@ def export_and_sample(config: RunConfig, run_dir: Path, stage: Stage2) -> RunRes
     """The EMA weights as a diffusers pipeline folder, and the final sample grid."""
     from stablediff.training.periodic import write_samples
 
+    from stablediff.models.atomic_output import save_folder, save_pipeline_folder
+
     pixel = stage.vae is None  # no StableDiffusionPipeline without a VAE: the UNet and scheduler alone
     export_dir = run_dir / "export" / ("pixel" if pixel else "diffusers")
     pipe = None if pixel else stage.pipeline()
@@ -265,11 +267,15 @@ def export_and_sample(config: RunConfig, run_dir: Path, stage: Stage2) -> RunRes
     if stage.complete_at is not None and outputs_up_to_date(stage.complete_at, export_dir, final_grid,
                                                             run_dir / "checkpoints", pixel, say):
         return result
+    # Atomic (models/atomic_output.py): a crash or full disk leaves the previous export whole.
     if pixel:
-        stage.state.ema.model.save_pretrained(export_dir / "unet", safe_serialization=True)
-        stage.noise_scheduler.save_pretrained(export_dir / "scheduler")
+        def write_pixel(tmp: Path) -> None:
+            stage.state.ema.model.save_pretrained(tmp / "unet", safe_serialization=True)
+            stage.noise_scheduler.save_pretrained(tmp / "scheduler")
+
+        save_folder(write_pixel, export_dir, replace=True, step=stage.state.step)
     else:
-        pipe.save_pretrained(export_dir, safe_serialization=True)
+        save_pipeline_folder(pipe, export_dir, replace=True, step=stage.state.step)
     write_samples(stage, config, final_grid)
     return result
 
