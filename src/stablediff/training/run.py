@@ -255,9 +255,8 @@ def cache_features(config: RunConfig, run_dir: Path, trust_pickle: bool = False)
 
 def export_and_sample(config: RunConfig, run_dir: Path, stage: Stage2) -> RunResult:
     """The EMA weights as a diffusers pipeline folder, and the final sample grid."""
-    from stablediff.training.periodic import write_samples
-
     from stablediff.models.atomic_output import save_folder, save_pipeline_folder
+    from stablediff.training.periodic import write_samples
 
     pixel = stage.vae is None  # no StableDiffusionPipeline without a VAE: the UNet and scheduler alone
     export_dir = run_dir / "export" / ("pixel" if pixel else "diffusers")
