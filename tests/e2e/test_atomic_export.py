@@ -131,9 +131,10 @@ def test_force_killed_halfway_keeps_the_old_folder_whole(killed_diffusers, tiny_
     out = tmp_path / "model"
     shutil.copytree(killed_diffusers[0], out)
     before = tree_digest(out)
-    run_killed("safetensors.torch.save_file", "", 2, "ckpt", "export", str(tiny_run), "--format", "diffusers",
+    # killed once every weights file is written (the UNet last of them), before the scheduler's config
+    run_killed("builtins.open", "scheduler_config.json", 1, "ckpt", "export", str(tiny_run), "--format", "diffusers",
                "--step", "0", "--no-ema", "--out", str(out), "--force")
-    assert tree_digest(out) == before  # not a mix of old and new weights
+    assert tree_digest(out) == before  # not the new UNet next to the old rest
     assert json.loads((out / "stablediff_export.json").read_text())["weights"] == "ema"
 
 
