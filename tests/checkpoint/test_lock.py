@@ -20,6 +20,7 @@ from stablediff.checkpoint.lock import RunLock
 RunLock(sys.argv[1]).acquire("test holder")
 child = os.fork() if sys.argv[2] == "fork" else 0
 if child == 0 and sys.argv[2] == "fork":
+    print("child-ready", flush=True)  # its fork hook has run: the parent may be killed now
     time.sleep(600)
 print(child, flush=True)
 time.sleep(600)
@@ -30,7 +31,9 @@ def start_holder(run_dir, fork: bool = False) -> tuple[subprocess.Popen, int]:
     """A real process holding run_dir's lock; returns it and the pid of its forked child (0: none)."""
     proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir), "fork" if fork else "-"],
                             stdout=subprocess.PIPE, text=True)
-    child = int(proc.stdout.readline())  # once printed, the lock is held
+    lines = {proc.stdout.readline().strip() for _ in range(2 if fork else 1)}  # in either order
+    lines.discard("child-ready")
+    child = int(lines.pop())  # once printed, the lock is held
     return proc, child
 
 
