@@ -215,7 +215,7 @@ class CheckpointStore:
         Saving a step that already exists replaces that checkpoint.
         """
         step = check_step(step)
-        placer = ChunkPlacer(self, self.object_sizes())  # one listing instead of one stat per chunk
+        placer = ChunkPlacer(self, self.scan_objects()[0])  # one listing instead of one stat per chunk
         entries: dict[str, TensorEntry] = {}
         for name, value in tensors.items():
             if not isinstance(name, str) or not name:
