@@ -57,14 +57,14 @@ class VerifyReport:
             steps = ", ".join(map(str, p.steps))
             out.append(f"chunk {p.chunk_hash[:12]}… ({p.expected_size} bytes) is {p.problem}; needed by step {steps}")
         how = "checked by re-hashing" if self.deep else "checked for presence and size only"
+        leftovers = " (left by interrupted saves; `stablediff ckpt gc` removes them)"
+        # The summary stays the last line: the crash campaign reads every line before it as a finding.
         out.append(
             f"verify of {self.location}: {len(self.steps_ok)} checkpoints ok, "
             f"{len(self.damaged_steps)} damaged, {self.chunks_checked} chunks {how}, "
             f"{self.orphan_chunks} unreferenced chunks, {self.temp_files} temp files"
+            + (leftovers if self.orphan_chunks or self.temp_files else "")
         )
-        if self.orphan_chunks or self.temp_files:
-            out.append("unreferenced chunks and temp files are left by interrupted saves; "
-                       "`stablediff ckpt gc` removes them")
         return out
 
 
