@@ -11,33 +11,14 @@ it off before appending, so it is never glued to the next record.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
+
+from stablediff.checkpoint._fs import LocalFS
 
 
 def replace_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a fsynced temporary sibling and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Write `data` to `path` through a fsynced temporary sibling and a rename (the store's one implementation)."""
+    LocalFS(str(path.parent)).write_atomic(path.name, data)
 
 
 def read_lines(path: Path) -> list[tuple[bytes, dict | None]]:

@@ -300,6 +300,11 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def fsync_path(path: str | os.PathLike) -> None:
+    """fsync a file or a directory by its path: what writers outside the store (exports) make durable."""
+    _fsync_dir(os.fspath(path))
+
+
 def _remove_quietly(path: str) -> None:
     try:
         os.remove(path)

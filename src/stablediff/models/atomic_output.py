@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from stablediff.checkpoint._fs import TEMP_MARKER, LocalFS, temp_name
+from stablediff.checkpoint._fs import TEMP_MARKER, LocalFS, fsync_path, temp_name
 from stablediff.models.export_record import write_record
 
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
@@ -129,7 +129,7 @@ def _commit_folder(tmp: Path, out: Path, existed: bool) -> None:
         os.rename(out, aside)
         os.rename(tmp, out)
         os.rename(aside, tmp)
-    _fsync_dir(out.parent)
+    fsync_path(out.parent)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -151,20 +151,8 @@ def _fsync_tree(root: Path) -> None:
     """save_pretrained does not fsync: make every file, then every directory, durable before the rename."""
     for dirpath, _dirs, files in os.walk(root, topdown=False):
         for name in files:
-            _fsync_path(os.path.join(dirpath, name))
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    _fsync_path(str(path))
+            fsync_path(os.path.join(dirpath, name))
+        fsync_path(dirpath)
 
 
 def _remove_tree(path: Path) -> None:
