@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,3 +28,11 @@ def tiny_run(tmp_path_factory) -> Path:
     result = run_cli("train", "tiny", "--run-dir", str(run_dir))
     assert result.returncode == 0, result.stderr
     return run_dir
+
+
+@pytest.fixture
+def run_copy(tiny_run, tmp_path) -> Path:
+    """A private copy of `tiny_run` that a test may damage."""
+    target = tmp_path / "run"
+    shutil.copytree(tiny_run, target)
+    return target

@@ -1,18 +1,8 @@
 """`stablediff ckpt` on a real run directory: list, info, verify (and its failure), gc, repair."""
 
 import json
-import shutil
-
-import pytest
 
 from tests.conftest import run_cli
-
-
-@pytest.fixture
-def run_copy(tiny_run, tmp_path):
-    target = tmp_path / "run"
-    shutil.copytree(tiny_run, target)
-    return target
 
 
 def test_list_shows_every_checkpoint_with_sizes(run_copy):

@@ -9,17 +9,9 @@ import shutil
 import time
 
 import numpy as np
-import pytest
 
 from stablediff.checkpoint import CheckpointStore
 from tests.conftest import run_cli
-
-
-@pytest.fixture
-def run_copy(tiny_run, tmp_path):
-    target = tmp_path / "run"
-    shutil.copytree(tiny_run, target)
-    return target
 
 
 def _chunk_only_in_newest(run_dir):
