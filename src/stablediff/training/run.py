@@ -126,7 +126,8 @@ def train_stage2(config: RunConfig, run_dir: Path, fresh: bool, trust_pickle: bo
     resume = find_resume(primary, replicas, say, timings)
     stage = build_stage2(config, run_dir, resume, metrics, trust_pickle, dist_info, device)
     timings["rebuilt"] = time.time()
-    checkpointer = RunCheckpointer(primary, replicas, config.checkpoint, say, dist_info)
+    checkpointer = RunCheckpointer(primary, replicas, config.checkpoint, say, dist_info,
+                                   rollback_window=config.guard.within_steps if config.guard.enabled else None)
     checkpointer.install_signal_handlers()
     hooks = make_hooks(config, run_dir, stage, checkpointer, metrics, resume, timings, dist_info)
     try:
