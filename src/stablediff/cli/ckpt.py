@@ -52,18 +52,31 @@ def group() -> None:
 @group.command(name="list")
 @click.argument("target")
 @replica_option
-def list_cmd(target: str, replicas) -> None:
+@click.option("--all", "show_all", is_flag=True,
+              help="Also list the checkpoints a divergence rollback abandoned (marked; never loaded).")
+def list_cmd(target: str, replicas, show_all: bool) -> None:
     """One line per checkpoint: step, time, size, bytes new in it, metrics, replicas holding it."""
     store, others = open_target(target, replicas)
     held = {r.location: set(_steps_or_empty(r)) for r in others}
     table = Table("step", "time", "size", "new", "metrics", "replicas", "ok")
-    for s in store.list():
+    summaries = store.list(include_abandoned=True)
+    for s in summaries if show_all else [s for s in summaries if s.abandoned_by is None]:
         when = dt.datetime.fromtimestamp(s.time).strftime("%Y-%m-%d %H:%M:%S") if s.time else "?"
         metrics = ", ".join(f"{k}={v:.4g}" for k, v in s.metrics.items())
-        holding = sum(s.step in steps for steps in held.values())
+        holding = sum(s.step in steps for steps in held.values()) if s.abandoned_by is None else 0
         table.add_row(str(s.step), when, human_bytes(s.bytes_total), human_bytes(s.bytes_new), metrics,
-                      f"{holding}/{len(others)}", "yes" if s.valid else f"NO: {s.problem}")
+                      f"{holding}/{len(others)}", _list_status(s))
     Console(width=160).print(table)
+    hidden = sum(s.abandoned_by is not None for s in summaries)
+    if hidden and not show_all:
+        click.echo(f"{hidden} checkpoints abandoned by divergence rollbacks are not shown; "
+                   "`stablediff ckpt list --all` lists them")
+
+
+def _list_status(s) -> str:
+    if s.abandoned_by is not None:
+        return f"abandoned by rollback {s.abandoned_by or '?'}"
+    return "yes" if s.valid else f"NO: {s.problem}"
 
 
 def _steps_or_empty(store: CheckpointStore) -> list[int]:
