@@ -134,3 +134,17 @@ def test_a_checkpoint_saved_after_the_rollback_resumes_without_applying_it_twice
     assert loaded.step == 4 and train_state.CONTINUE_ROLLBACK not in loaded.meta
     assert resumed.state.lr_scale == 0.5 and resumed.state.skipped_batches == 10
     assert resumed.state.guard.rollbacks == 1
+
+
+def test_a_rollback_whose_event_a_kill_cut_off_is_known_missing_from_the_metrics_log(tmp_path):
+    from stablediff.training.metrics import MetricsLog
+    from stablediff.training.rollback import logged_rollbacks, rollback_event
+
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    first, second = (lineage.RollbackRecord(n, 3, 3, 6, {6: ["ab"]}, 0.5 ** n, 10, {"rollbacks": n}) for n in (1, 2))
+    log.write(**rollback_event(first))
+    log.write(stage="unet", step=4, loss=1.0)
+    assert logged_rollbacks(log.path) == {1}  # the resume that continues rollback 2 writes its event
+    log.write(**rollback_event(second))
+    assert logged_rollbacks(log.path) == {1, 2}
+    assert rollback_event(second)["reason"].startswith("divergence: repeated bad steps since step 3; rolled back")

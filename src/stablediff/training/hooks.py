@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 
 from stablediff.training.periodic import make_validation_set, run_validation, write_samples
-from stablediff.training.rollback import describe as describe_rollback, roll_back
+from stablediff.training import state as train_state
+from stablediff.training.rollback import logged_rollbacks, roll_back, rollback_event
+from stablediff.training.rollback import message as rollback_message
 from stablediff.training.unet_stage import LoopHooks, TrainingDiverged, UNetTrainState
 
 
@@ -24,6 +26,7 @@ class RunHooks(LoopHooks):
         self.config, self.run_dir, self.stage, self.checkpointer = config, run_dir, stage, checkpointer
         self.metrics, self.resume, self.timings, self.dist = metrics, resume, timings, dist_info
         self.tensorboard = tensorboard
+        self._log_continued_rollback()
         self.val_loss: float | None = None
         self.validation_set = None
         if config.train.validate_every and dist_info.is_main:
@@ -78,13 +81,16 @@ class RunHooks(LoopHooks):
                 "set train.grad_clip; the checkpoints before the divergence are intact.")
         record = roll_back(state, self.checkpointer, first_bad_step, guard_cfg, self.dist.rank, self.dist.is_main)
         self.checkpointer.mark_saved(state.step)
-        message = f"divergence: repeated bad steps since step {first_bad_step}; {describe_rollback(record)}"
         if self.dist.is_main:  # the event first: a kill right after the message still finds it logged
-            self.metrics.write(event="rollback", step=record.target_step, lr_scale=record.lr_scale,
-                               rollbacks=record.number, first_bad_step=first_bad_step, at_step=record.at_step,
-                               skipped_batches=record.skipped_batches, abandoned=list(record.abandoned),
-                               reason=message)
-            print(message, file=sys.stderr, flush=True)
+            self.metrics.write(**rollback_event(record))
+            print(rollback_message(record), file=sys.stderr, flush=True)
+
+    def _log_continued_rollback(self) -> None:
+        """A run killed between a rollback's commit and its event: log the event now, once."""
+        pending = self.resume.meta.get(train_state.CONTINUE_ROLLBACK) if self.resume is not None else None
+        if pending is not None and self.metrics is not None \
+                and pending.number not in logged_rollbacks(self.metrics.path):
+            self.metrics.write(**rollback_event(pending))
 
     def close(self) -> None:
         if self.tensorboard is not None:

@@ -15,7 +15,9 @@ The guard (guard.py) only decides that a rollback is due; `roll_back` does it:
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 from stablediff.checkpoint import lineage
 from stablediff.checkpoint.lineage import RollbackRecord
@@ -54,6 +56,26 @@ def continue_rollback(state, record: RollbackRecord) -> None:
         state.guard.load_state_dict(record.guard)
     state.skipped_batches += record.skipped_batches
     state.pending_skip = record.skipped_batches
+
+
+def rollback_event(record: RollbackRecord) -> dict:
+    """The `metrics.jsonl` event of a rollback (its `step` is the target)."""
+    return {"event": "rollback", "step": record.target_step, "lr_scale": record.lr_scale,
+            "rollbacks": record.number, "first_bad_step": record.first_bad_step, "at_step": record.at_step,
+            "skipped_batches": record.skipped_batches, "abandoned": list(record.abandoned), "reason": message(record)}
+
+
+def logged_rollbacks(metrics_path: Path) -> set[int]:
+    """Numbers of the rollbacks whose event `metrics.jsonl` holds: a kill between a rollback's commit and
+    its event leaves one out, and the resume that continues the rollback writes it then."""
+    if not metrics_path.is_file():
+        return set()
+    events = (json.loads(line) for line in metrics_path.read_text().splitlines() if '"rollback"' in line)
+    return {int(e.get("rollbacks", 0)) for e in events if e.get("event") == "rollback"}
+
+
+def message(record: RollbackRecord) -> str:
+    return f"divergence: repeated bad steps since step {record.first_bad_step}; {describe(record)}"
 
 
 def describe(record: RollbackRecord) -> str:
