@@ -63,18 +63,7 @@ def load_checkpoint(
     stores = [store, *fallbacks]
     abandoned = abandoned_index(stores)  # a divergence rollback's diverged trajectory: never chosen
     if step is not None:
-        if not any(step in _steps_or_empty(s, s is store) for s in stores):
-            raise CheckpointError(_abandoned_message(store, step) if step in abandoned
-                                  else store._unknown_step_message(step))
-        try:
-            return _load_step(stores, step, device, abandoned)
-        except AbandonedCheckpoint:
-            raise CheckpointError(_abandoned_message(store, step)) from None
-        except CheckpointError as exc:
-            raise CheckpointError(
-                f"checkpoint step {step} in {store.location} cannot be loaded: {exc}. "
-                f"Run `stablediff ckpt repair` with a replica, or load another step."
-            ) from exc
+        return _load_given_step(stores, step, device, abandoned)
     candidates = sorted({s for st in stores for s in _steps_or_empty(st, st is store)}, reverse=True)
     if not candidates:
         raise CheckpointError(
@@ -100,6 +89,23 @@ def load_checkpoint(
         f"all {len(skipped)} checkpoints in {store.location} failed verification ({reasons}). "
         f"Run `stablediff ckpt verify --deep` for details and `stablediff ckpt repair` with a replica."
     )
+
+
+def _load_given_step(stores: list[CheckpointStore], step: int, device: str,
+                     abandoned: dict[int, set[str]]) -> LoadedCheckpoint:
+    store = stores[0]
+    if not any(step in _steps_or_empty(s, s is store) for s in stores):
+        raise CheckpointError(_abandoned_message(store, step) if step in abandoned
+                              else store._unknown_step_message(step))
+    try:
+        return _load_step(stores, step, device, abandoned)
+    except AbandonedCheckpoint:
+        raise CheckpointError(_abandoned_message(store, step)) from None
+    except CheckpointError as exc:
+        raise CheckpointError(
+            f"checkpoint step {step} in {store.location} cannot be loaded: {exc}. "
+            f"Run `stablediff ckpt repair` with a replica, or load another step."
+        ) from exc
 
 
 def _steps_or_empty(store: CheckpointStore, is_primary: bool) -> list[int]:

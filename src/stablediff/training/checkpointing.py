@@ -3,9 +3,9 @@
 One place decides where a run resumes (`find_resume`): the newest checkpoint
 that verifies in the primary store, with replicas as fallbacks for damaged
 chunks, never one a divergence rollback abandoned; when it predates the run's
-last rollback, the rolled-back trajectory continues from it. Saves go through the asynchronous writer; SIGTERM/SIGINT set a flag
-that the loop checks at the next step boundary, where an emergency checkpoint
-is written before the run stops.
+last rollback, the rolled-back trajectory continues from it. Saves go through
+the asynchronous writer; SIGTERM/SIGINT set a flag that the loop checks at the
+next step boundary, where an emergency checkpoint is written before the run stops.
 """
 
 from __future__ import annotations
