@@ -133,3 +133,12 @@ def test_a_corrupt_record_is_ignored_but_moved_copies_still_count(store):
         f.write(b"#")
     assert lineage.read_records(store) == []
     assert store.load().step == 2
+
+
+def test_gc_removes_temp_files_a_crash_left_in_the_lineage_folder(store):
+    save_steps(store, range(1, 4))
+    lineage.commit(store, rollback_to(1, [store]))
+    leftover = Path(store.location) / "abandoned" / "rollback-0002.json.tmp-123-abcd1234"
+    leftover.write_bytes(b"{")
+    assert gc(store, grace_s=0).temp_files_removed == 1 and not leftover.exists()
+    assert store.load().step == 1 and len(lineage.read_records(store)) == 1

@@ -124,7 +124,7 @@ class CheckpointStore:
         """({hash: (size, mtime)} of committed chunks, [(rel path, mtime)] of temp files)."""
         objects: dict[str, tuple[int, float]] = {}
         temps: list[tuple[str, float]] = []
-        for top in ("objects", "manifests"):
+        for top in ("objects", "manifests", "abandoned"):  # abandoned/: rollback records (lineage.py)
             for rel, size, mtime in self._fs.walk_files(top):
                 name = rel.rsplit("/", 1)[-1]
                 if is_temp(name):

@@ -96,7 +96,7 @@ def info(target: str, step: int | None, trust_pickle: bool) -> None:
     if ckpt_models.is_model_target(target):
         return ckpt_models.show_model_info(target, trust_pickle)
     store, _ = open_target(target, ())
-    steps = store.steps()
+    steps = store.steps() if step is not None else [s.step for s in store.list()]  # newest: not an abandoned one
     if not steps:
         raise UserError(f"{target} holds no checkpoints")
     manifest = store.read_manifest(step if step is not None else steps[-1])
