@@ -4,6 +4,8 @@ Every chunk is checked against its hash as it is read. A bad chunk is taken
 from the first fallback store (a replica) that has a good copy; only when no
 copy is good is the whole checkpoint skipped for an older one. The result says
 what was skipped and what was recovered, so the CLI can tell the user.
+Checkpoints that a divergence rollback abandoned (lineage.py) are passed over,
+in every store, without being counted as skipped.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._codec import as_torch, empty_bytes
 from .errors import CheckpointError, ChunkError, ManifestError
+from .lineage import abandoned_index, is_abandoned
 from .manifest import Manifest
 
 if TYPE_CHECKING:
@@ -58,16 +61,9 @@ def load_checkpoint(
     store: CheckpointStore, step: int | None, device: str, fallbacks: list[CheckpointStore]
 ) -> LoadedCheckpoint:
     stores = [store, *fallbacks]
+    abandoned = abandoned_index(stores)  # a divergence rollback's diverged trajectory: never chosen
     if step is not None:
-        if not any(step in _steps_or_empty(s, s is store) for s in stores):
-            raise CheckpointError(store._unknown_step_message(step))
-        try:
-            return _load_step(stores, step, device)
-        except CheckpointError as exc:
-            raise CheckpointError(
-                f"checkpoint step {step} in {store.location} cannot be loaded: {exc}. "
-                f"Run `stablediff ckpt repair` with a replica, or load another step."
-            ) from exc
+        return _load_given_step(stores, step, device, abandoned)
     candidates = sorted({s for st in stores for s in _steps_or_empty(st, st is store)}, reverse=True)
     if not candidates:
         raise CheckpointError(
@@ -77,17 +73,39 @@ def load_checkpoint(
     skipped: list[SkippedCheckpoint] = []
     for candidate in candidates:
         try:
-            loaded = _load_step(stores, candidate, device)
+            loaded = _load_step(stores, candidate, device, abandoned)
+        except AbandonedCheckpoint:
+            continue  # not damaged: set aside on purpose, so not reported as skipped
         except CheckpointError as exc:
             skipped.append(SkippedCheckpoint(candidate, str(exc)))
             continue
         loaded.skipped = skipped
         return loaded
+    if not skipped:
+        raise CheckpointError(f"every checkpoint in {store.location} was abandoned by a divergence rollback; "
+                              "`stablediff ckpt list --all` shows them. Start the run from scratch.")
     reasons = "; ".join(f"step {s.step}: {s.reason}" for s in skipped[:5])
     raise CheckpointError(
         f"all {len(skipped)} checkpoints in {store.location} failed verification ({reasons}). "
         f"Run `stablediff ckpt verify --deep` for details and `stablediff ckpt repair` with a replica."
     )
+
+
+def _load_given_step(stores: list[CheckpointStore], step: int, device: str,
+                     abandoned: dict[int, set[str]]) -> LoadedCheckpoint:
+    store = stores[0]
+    if not any(step in _steps_or_empty(s, s is store) for s in stores):
+        raise CheckpointError(_abandoned_message(store, step) if step in abandoned
+                              else store._unknown_step_message(step))
+    try:
+        return _load_step(stores, step, device, abandoned)
+    except AbandonedCheckpoint:
+        raise CheckpointError(_abandoned_message(store, step)) from None
+    except CheckpointError as exc:
+        raise CheckpointError(
+            f"checkpoint step {step} in {store.location} cannot be loaded: {exc}. "
+            f"Run `stablediff ckpt repair` with a replica, or load another step."
+        ) from exc
 
 
 def _steps_or_empty(store: CheckpointStore, is_primary: bool) -> list[int]:
@@ -100,9 +118,22 @@ def _steps_or_empty(store: CheckpointStore, is_primary: bool) -> list[int]:
         return []
 
 
-def _load_step(stores: list[CheckpointStore], step: int, device: str) -> LoadedCheckpoint:
+class AbandonedCheckpoint(CheckpointError):
+    """The manifest belongs to the trajectory a divergence rollback abandoned."""
+
+
+def _abandoned_message(store: CheckpointStore, step: int) -> str:
+    return (f"checkpoint step {step} in {store.location} belongs to a trajectory abandoned by a divergence "
+            f"rollback; it is kept for inspection (`stablediff ckpt list --all` shows it) but is never loaded. "
+            f"Load another step, or omit the step to load the newest.")
+
+
+def _load_step(stores: list[CheckpointStore], step: int, device: str,
+               abandoned: dict[int, set[str]]) -> LoadedCheckpoint:
     recovered: list[Recovery] = []
     manifest = _read_manifest(stores, step, recovered)
+    if is_abandoned(abandoned, step, manifest.checksum):
+        raise AbandonedCheckpoint(f"step {step} was abandoned by a divergence rollback")
     tensors = {}
     for name, entry in manifest.tensors.items():
         raw = empty_bytes(entry.nbytes)  # flat uint8 tensor, filled chunk by chunk

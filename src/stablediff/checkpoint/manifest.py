@@ -175,7 +175,8 @@ def _from_json(data: dict[str, Any], checksum: str) -> Manifest:
 
 @dataclass(frozen=True)
 class ManifestSummary:
-    """One line of `ckpt list`; `valid` is False when the manifest fails its checksum."""
+    """One line of `ckpt list`; `valid` is False when the manifest fails its checksum;
+    `abandoned_by` is the number of the divergence rollback that abandoned it (lineage.py)."""
 
     step: int
     time: float | None
@@ -184,6 +185,7 @@ class ManifestSummary:
     metrics: dict[str, float] = field(default_factory=dict)
     valid: bool = True
     problem: str | None = None
+    abandoned_by: int | None = None
 
     @staticmethod
     def of(manifest: Manifest) -> ManifestSummary:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable
 
 from .errors import CheckpointError, ChunkError, ManifestError
+from .lineage import sync_records
 from .manifest import Manifest, parse_manifest
 from .ownership import check_sync_target
 
@@ -103,6 +104,7 @@ def sync(source: CheckpointStore, target: CheckpointStore, *, deep: bool = False
     """
     check_sync_target(source, target)
     report = SyncReport(source.location, target.location)
+    sync_records(source, target)  # first: the target's abandoned manifests move aside before new steps come
     copier = _ChunkCopier(source, target, deep, report)
     target_steps = set(target.steps())
     for step in source.steps():

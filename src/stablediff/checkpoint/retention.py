@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, Literal
 
 from .errors import CheckpointError, ManifestError
+from .lineage import abandoned_chunk_refs, rollback_targets
 from .manifest import ManifestSummary
 from .retention_guard import guard_deletions
 
@@ -36,6 +37,7 @@ class RetentionPolicy:
     best_metric: str | None = "val_loss"
     best_mode: Literal["min", "max"] = "min"
     keep_every: int | None = None
+    rollback_window: int | None = None  # the divergence guard's window (guard.within_steps): see rollback_keeps
 
     def __post_init__(self) -> None:
         if self.keep_last < 2:
@@ -59,7 +61,7 @@ class RetentionPolicy:
         save committed; pass DEFAULT_GC_GRACE_S when another process may be saving.
         """
         summaries = store.list()
-        chosen = select_to_delete(summaries, self)
+        chosen = select_to_delete(summaries, self, rollback_targets(store))
         kept = [s.step for s in summaries if s.valid and s.step not in chosen]
         decision = guard_deletions(store, chosen, kept)
         for step in decision.delete:
@@ -81,18 +83,35 @@ def best_steps(summaries: Iterable[ManifestSummary], policy: RetentionPolicy) ->
     return [step for _value, step in scored[: max(policy.keep_best, 1)]]
 
 
-def select_to_delete(summaries: Iterable[ManifestSummary], policy: RetentionPolicy) -> list[int]:
+def select_to_delete(summaries: Iterable[ManifestSummary], policy: RetentionPolicy,
+                     targets: Iterable[int] = ()) -> list[int]:
     """Pure decision: steps whose manifests retention deletes, oldest first.
 
     Only valid checkpoints are ever chosen; corrupt manifests are left for
-    `ckpt repair`. The newest valid one is always kept (keep_last >= 2).
+    `ckpt repair`. The newest valid one is always kept (keep_last >= 2), and so
+    are the rollback targets and the guard window's checkpoint (`rollback_keeps`).
+    Abandoned checkpoints are not in `summaries` (store.list leaves them out).
     """
     valid = sorted((s for s in summaries if s.valid), key=lambda s: s.step)
     keep = {s.step for s in valid[-policy.keep_last :]}
     keep.update(best_steps(valid, policy))
     if policy.keep_every:
         keep.update(s.step for s in valid if s.step % policy.keep_every == 0)
+    keep.update(rollback_keeps([s.step for s in valid], policy.rollback_window, targets))
     return [s.step for s in valid if s.step not in keep]
+
+
+def rollback_keeps(steps: list[int], window: int | None, targets: Iterable[int] = ()) -> set[int]:
+    """What a divergence rollback needs kept, of `steps` (oldest first): every past rollback's target,
+    and a checkpoint older than the guard's `window`. The guard rolls back to the newest checkpoint
+    before the first of its bad steps, which lie within the last `window` steps, so the newest
+    checkpoint at least `window` steps before the newest one (or, early in a run, the oldest)
+    is always a target that exists."""
+    keep = set(targets) & set(steps)
+    if window and steps:
+        old_enough = [s for s in steps if s <= steps[-1] - window]
+        keep.add(old_enough[-1] if old_enough else steps[0])
+    return keep
 
 
 @dataclass
@@ -114,7 +133,7 @@ class RetentionReport:
 def referenced_chunks(store: CheckpointStore) -> set[str]:
     """Chunks named by any manifest — also by corrupt ones that still parse, so that
     a damaged manifest restored by `repair` finds its chunks still there."""
-    refs: set[str] = set()
+    refs = abandoned_chunk_refs(store)  # abandoned checkpoints stay inspectable
     for step in store.steps():
         try:
             refs.update(store.read_manifest(step).chunk_refs())

@@ -136,7 +136,7 @@ class CheckpointStore:
         """({hash: (size, mtime)} of committed chunks, [(rel path, mtime)] of temp files)."""
         objects: dict[str, tuple[int, float]] = {}
         temps: list[tuple[str, float]] = []
-        for top in ("objects", "manifests"):
+        for top in ("objects", "manifests", "abandoned"):  # abandoned/: rollback records (lineage.py)
             for rel, size, mtime in self._fs.walk_files(top):
                 name = rel.rsplit("/", 1)[-1]
                 if is_temp(name):
@@ -249,14 +249,25 @@ class CheckpointStore:
 
     # Last in the class body: a method named `list` would shadow the builtin in
     # annotations of any method defined after it.
-    def list(self) -> list[ManifestSummary]:
-        """One summary per manifest, oldest first; corrupt ones have valid=False."""
-        summaries = []
+    def list(self, include_abandoned: bool = False) -> list[ManifestSummary]:
+        """One summary per manifest, oldest first; corrupt ones have valid=False. Checkpoints
+        abandoned by a divergence rollback (lineage.py) are left out unless `include_abandoned`."""
+        from .lineage import abandoned_index, abandoned_summaries
+
+        abandoned, summaries, not_moved = abandoned_index([self]), [], []
         for step in self.steps():
             try:
-                summaries.append(ManifestSummary.of(self.read_manifest(step)))
+                manifest = self.read_manifest(step)
             except ManifestError as exc:
                 summaries.append(ManifestSummary(step, None, 0, 0, {}, valid=False, problem=str(exc)))
+                continue
             except CheckpointError:  # deleted between listing and reading
                 continue
+            if manifest.checksum in abandoned.get(step, ()):
+                not_moved.append(manifest)  # a crash right after the rollback left it in manifests/
+            else:
+                summaries.append(ManifestSummary.of(manifest))
+        if include_abandoned:
+            summaries += abandoned_summaries(self, not_moved)
+            summaries.sort(key=lambda s: (s.step, s.abandoned_by is None, s.time or 0.0))
         return summaries

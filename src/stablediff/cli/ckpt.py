@@ -55,27 +55,36 @@ def group() -> None:
 @group.command(name="list")
 @click.argument("target")
 @replica_option
-def list_cmd(target: str, replicas) -> None:
+@click.option("--all", "show_all", is_flag=True,
+              help="Also list the checkpoints a divergence rollback abandoned (marked; never loaded).")
+def list_cmd(target: str, replicas, show_all: bool) -> None:
     """One line per checkpoint: step, time, size, bytes new in it, metrics, replicas holding it, and
     whether its manifest and chunks are whole (every chunk present with its size; `verify` re-hashes)."""
     store, others = open_target(target, replicas)
     held = {r.location: set(_steps_or_empty(r)) for r in others}
     checked = store.verify(deep=False)
     table = Table("step", "time", "size", "new", "metrics", "replicas", "chunks: present+size")
-    for s in store.list():
+    summaries = store.list(include_abandoned=True)
+    for s in summaries if show_all else [s for s in summaries if s.abandoned_by is None]:
         when = dt.datetime.fromtimestamp(s.time).strftime("%Y-%m-%d %H:%M:%S") if s.time else "?"
         metrics = ", ".join(f"{k}={v:.4g}" for k, v in s.metrics.items())
-        holding = sum(s.step in steps for steps in held.values())
+        holding = sum(s.step in steps for steps in held.values()) if s.abandoned_by is None else 0
         table.add_row(str(s.step), when, human_bytes(s.bytes_total), human_bytes(s.bytes_new), metrics,
-                      f"{holding}/{len(others)}", _whole(s, checked.chunk_problems_of(s.step)))
+                      f"{holding}/{len(others)}", _list_status(s, checked.chunk_problems_of(s.step)))
     Console(width=160).print(table)
     click.echo("chunks checked for presence and size only; `stablediff ckpt verify` re-hashes them")
     if checked.orphan_chunks:
         click.echo(f"{checked.orphan_chunks} chunks are referenced by no checkpoint (left by an interrupted "
                    "save); `stablediff ckpt gc` removes them")
+    hidden = sum(s.abandoned_by is not None for s in summaries)
+    if hidden and not show_all:
+        click.echo(f"{hidden} checkpoints abandoned by divergence rollbacks are not shown; "
+                   "`stablediff ckpt list --all` lists them")
 
 
-def _whole(summary, problems) -> str:
+def _list_status(summary, problems) -> str:
+    if summary.abandoned_by is not None:  # kept for inspection only: its chunks are not checked here
+        return f"abandoned by rollback {summary.abandoned_by or '?'}"
     if not summary.valid:
         return f"NO: {summary.problem}"
     if not problems:
@@ -101,7 +110,7 @@ def info(target: str, step: int | None, trust_pickle: bool) -> None:
     if ckpt_models.is_model_target(target):
         return ckpt_models.show_model_info(target, trust_pickle)
     store, _ = open_target(target, ())
-    steps = store.steps()
+    steps = store.steps() if step is not None else [s.step for s in store.list()]  # newest: not an abandoned one
     if not steps:
         raise UserError(f"{target} holds no checkpoints")
     manifest = store.read_manifest(step if step is not None else steps[-1])

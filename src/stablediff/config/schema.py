@@ -204,6 +204,8 @@ class GuardConfig(Section):
     within_steps: int = Field(50, ge=1)
     lr_factor: float = Field(0.5, gt=0, le=1, description="LR multiplier applied at each rollback")
     max_rollbacks: int = Field(3, ge=0, description="rollbacks before the run stops with an error")
+    skip_batches: int | None = Field(None, ge=0, description="batches skipped after a rollback (default: "
+                                     "within_steps; always at least the steps back to the target)")
 
 
 class CheckpointConfig(Section):

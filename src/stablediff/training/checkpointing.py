@@ -2,9 +2,10 @@
 
 One place decides where a run resumes (`find_resume`): the newest checkpoint
 that verifies in the primary store, with replicas as fallbacks for damaged
-chunks. Saves go through the asynchronous writer; SIGTERM/SIGINT set a flag
-that the loop checks at the next step boundary, where an emergency checkpoint
-is written before the run stops.
+chunks, never one a divergence rollback abandoned; when it predates the run's
+last rollback, the rolled-back trajectory continues from it. Saves go through
+the asynchronous writer; SIGTERM/SIGINT set a flag that the loop checks at the
+next step boundary, where an emergency checkpoint is written before the run stops.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from pathlib import Path
 from typing import Callable
 
 from stablediff.checkpoint import AsyncCheckpointer, CheckpointError, CheckpointStore, LoadedCheckpoint, RetentionPolicy
+from stablediff.checkpoint import lineage
 from stablediff.config.schema import CheckpointConfig
 from stablediff.training import distributed
 from stablediff.training import state as train_state
 from stablediff.training.distributed import DistInfo
+from stablediff.training.rollback import describe as describe_rollback
 
 
 class TrainingInterrupted(Exception):
@@ -56,6 +59,10 @@ def find_resume(primary: CheckpointStore, replicas: list[CheckpointStore], say: 
         say(note)
     if announce:
         say(f"resumed from step {loaded.step}")
+    pending = lineage.pending_rollback(lineage.records_of([primary, *replicas]), loaded.meta)
+    if pending is not None:  # killed right after a rollback: continue the rolled-back trajectory
+        loaded.meta = {**loaded.meta, train_state.CONTINUE_ROLLBACK: pending}
+        say(f"continuing after the divergence rollback: {describe_rollback(pending)}")
     return loaded
 
 
@@ -75,11 +82,16 @@ class RunCheckpointer:
     """
 
     def __init__(self, primary: CheckpointStore, replicas: list[CheckpointStore], cfg: CheckpointConfig,
-                 say: Callable[[str], None], dist_info: DistInfo = DistInfo()) -> None:
+                 say: Callable[[str], None], dist_info: DistInfo = DistInfo(),
+                 rollback_window: int | None = None) -> None:
+        """`rollback_window`: the divergence guard's guard.within_steps (None without a guard):
+        retention keeps a checkpoint older than it, so a rollback always has a target."""
         retention = RetentionPolicy(keep_last=cfg.keep_last, keep_best=cfg.keep_best, best_metric="val_loss",
-                                    keep_every=cfg.keep_every)
+                                    keep_every=cfg.keep_every, rollback_window=rollback_window)
         self.primary, self.replicas = primary, replicas
         self.writer = AsyncCheckpointer(primary, replicas, retention, log=say) if dist_info.is_main else None
+        if dist_info.is_main:
+            lineage.complete_moves(primary)  # a rollback a crash interrupted: set its abandoned manifests aside
         self.cfg, self.say = cfg, say
         self._last_save_time = time.monotonic()
         self._last_saved_step: int | None = None
@@ -143,11 +155,25 @@ class RunCheckpointer:
         """The newest checkpoint at or before `step` (a divergence rollback's target); every rank calls it."""
         self.wait()
         distributed.barrier()  # no rank reads the store before rank 0's last save is committed
-        candidates = [s for s in self.primary.steps() if s <= step]
+        candidates = [s.step for s in self.primary.list() if s.valid and s.step <= step]  # abandoned left out
         if not candidates:
             raise CheckpointError(f"training diverged at step {step} and no checkpoint precedes it; lower "
                                   "train.learning_rate or set checkpoint.every_steps so a rollback has a target")
         return self.primary.load(step=max(candidates), fallbacks=self.replicas)
+
+    def stores(self) -> list[CheckpointStore]:
+        return [self.primary, *self.replicas]
+
+    def commit_rollback(self, record: lineage.RollbackRecord) -> None:
+        """Rank 0: the rollback's record into the primary (errors raise) and each replica (best effort;
+        a replica that misses it gets it with the next save's sync)."""
+        lineage.commit(self.primary, record)
+        for replica in self.replicas:
+            try:
+                lineage.commit(replica, record)
+            except Exception as exc:  # a failing replica never stops training
+                self.say(f"checkpoint: replica {replica.location} did not take the rollback record ({exc!r}); "
+                         "the next save brings it")
 
     def close(self) -> None:
         self.restore_signal_handlers()

@@ -12,8 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-from stablediff.training import state as train_state
 from stablediff.training.periodic import make_validation_set, run_validation, write_samples
+from stablediff.training import state as train_state
+from stablediff.training.rollback import logged_rollbacks, roll_back, rollback_event
+from stablediff.training.rollback import message as rollback_message
 from stablediff.training.unet_stage import LoopHooks, TrainingDiverged, UNetTrainState
 
 
@@ -24,6 +26,7 @@ class RunHooks(LoopHooks):
         self.config, self.run_dir, self.stage, self.checkpointer = config, run_dir, stage, checkpointer
         self.metrics, self.resume, self.timings, self.dist = metrics, resume, timings, dist_info
         self.tensorboard = tensorboard
+        self._log_continued_rollback()
         self.val_loss: float | None = None
         self.validation_set = None
         if config.train.validate_every and dist_info.is_main:
@@ -38,8 +41,9 @@ class RunHooks(LoopHooks):
 
     def _after_step(self, state: UNetTrainState) -> None:
         if self.resume is not None and state.step == self.resume.step + 1 and self.metrics is not None:
+            resumed, self.resume = self.resume.step, None  # once: a rollback to that step must not log it again
             # the recovery timeline, for bench/recovery.py
-            self.metrics.write(event="resumed", step=self.resume.step,
+            self.metrics.write(event="resumed", step=resumed,
                                **{f"t_{k}": v for k, v in self.timings.items()}, t_first_step=time.time())
         validated = self._maybe_validate(state)
         self._maybe_sample(state)
@@ -75,15 +79,18 @@ class RunHooks(LoopHooks):
                 f"training diverged again at step {state.step} after {done} rollbacks "
                 f"(LR now x{state.lr_scale:g}). Lower train.learning_rate, raise train.warmup_steps or "
                 "set train.grad_clip; the checkpoints before the divergence are intact.")
-        loaded = self.checkpointer.load_before(first_bad_step)
-        train_state.restore(state, loaded.tensors, loaded.meta, rank=self.dist.rank, keep_rollback_state=True)
-        state.scale_lr(guard_cfg.lr_factor)
+        record = roll_back(state, self.checkpointer, first_bad_step, guard_cfg, self.dist.rank, self.dist.is_main)
         self.checkpointer.mark_saved(state.step)
-        message = (f"divergence: repeated bad steps since step {first_bad_step}; rolled back to "
-                   f"step {loaded.step} and lowered the LR to x{state.lr_scale:g} (rollback {done + 1})")
-        if self.dist.is_main:
-            print(message, file=sys.stderr, flush=True)
-            self.metrics.write(event="rollback", step=loaded.step, lr_scale=state.lr_scale, reason=message)
+        if self.dist.is_main:  # the event first: a kill right after the message still finds it logged
+            self.metrics.write(**rollback_event(record))
+            print(rollback_message(record), file=sys.stderr, flush=True)
+
+    def _log_continued_rollback(self) -> None:
+        """A run killed between a rollback's commit and its event: log the event now, once."""
+        pending = self.resume.meta.get(train_state.CONTINUE_ROLLBACK) if self.resume is not None else None
+        if pending is not None and self.metrics is not None \
+                and pending.number not in logged_rollbacks(self.metrics.path):
+            self.metrics.write(**rollback_event(pending))
 
     def close(self) -> None:
         if self.tensorboard is not None:

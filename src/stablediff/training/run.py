@@ -153,7 +153,8 @@ def train_stage2(config: RunConfig, run_dir: Path, fresh: bool, trust_pickle: bo
         commit_run_files(config, run_dir, resume, check, metrics, stage.state.extra)
     stage.complete_at = completed_step(resume, config.train.max_steps)
     timings["rebuilt"] = time.time()
-    checkpointer = RunCheckpointer(primary, replicas, config.checkpoint, say, dist_info)
+    checkpointer = RunCheckpointer(primary, replicas, config.checkpoint, say, dist_info,
+                                   rollback_window=config.guard.within_steps if config.guard.enabled else None)
     checkpointer.install_signal_handlers()
     hooks = make_hooks(config, run_dir, stage, checkpointer, metrics, resume, timings, dist_info)
     try:

@@ -25,6 +25,7 @@ import torch
 import stablediff
 
 UNET_STAGE = "unet"
+CONTINUE_ROLLBACK = "continue_rollback"  # meta key find_resume adds: the rollback record to continue (not saved)
 
 
 def capture(state, vae: torch.nn.Module | None, config_dump: dict, fingerprints: dict,
@@ -58,6 +59,7 @@ def capture(state, vae: torch.nn.Module | None, config_dump: dict, fingerprints:
         "grad_scaler": _plain(state.precision.state_dict()),
         "guard": state.guard.state_dict() if state.guard is not None else None,
         "lr_scale": state.lr_scale,
+        "skipped_batches": state.skipped_batches,
         "config": config_dump,
         "fingerprints": fingerprints,
         **state.extra,
@@ -85,13 +87,14 @@ def restore_local_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     random.setstate(_tuples(meta["python"]))
 
 
-def restore(state, tensors: dict[str, torch.Tensor], meta: dict, rank: int = 0,
-            keep_rollback_state: bool = False) -> None:
+def restore(state, tensors: dict[str, torch.Tensor], meta: dict, rank: int = 0) -> None:
     """Put a checkpoint back into a freshly built UNetTrainState (same config).
 
     Rank r restores its own global RNG when the checkpoint has it (saved with >= r+1
-    ranks); a rank the checkpoint did not have keeps its fresh seeding. A divergence
-    rollback keeps the lowered LR and the live guard with its rollback count (`keep_rollback_state`).
+    ranks); a rank the checkpoint did not have keeps its fresh seeding. A checkpoint
+    that a divergence rollback went back to carries the rollback's record in
+    `meta[CONTINUE_ROLLBACK]` (put there by find_resume): the rolled-back trajectory
+    then continues (lowered LR, rollback count, skipped batches; training/rollback.py).
     """
     state.unet.load_state_dict(_unprefixed("unet", tensors))
     state.ema.load_state_dict(_unprefixed("ema", tensors))
@@ -105,18 +108,18 @@ def restore(state, tensors: dict[str, torch.Tensor], meta: dict, rank: int = 0,
     state.sampler.load_state_dict(meta["sampler"])
     state.step, state.images_seen = int(meta["step"]), int(meta["images_seen"])
     state.precision.load_state_dict(meta.get("grad_scaler") or {})
-    if state.guard is not None and meta.get("guard") and not keep_rollback_state:  # a rollback keeps the live guard
+    if state.guard is not None and meta.get("guard"):
         state.guard.load_state_dict(meta["guard"])
-    saved_scale = float(meta.get("lr_scale", 1.0))  # already applied in the saved schedule and optimizer
-    if keep_rollback_state:
-        current, state.lr_scale = state.lr_scale, saved_scale
-        state.scale_lr(current / saved_scale)
-    else:
-        state.lr_scale = saved_scale
+    state.lr_scale = float(meta.get("lr_scale", 1.0))  # already applied in the saved schedule and optimizer
+    state.skipped_batches, state.pending_skip = int(meta.get("skipped_batches", 0)), 0
     if rank == 0:
         restore_local_rng(_unprefixed("rng", tensors), meta["rng"])
     elif str(rank) in meta["rng"].get("ranks", {}):
         restore_local_rng(_unprefixed(f"rng_rank/{rank}", tensors), meta["rng"]["ranks"][str(rank)])
+    if meta.get(CONTINUE_ROLLBACK):
+        from stablediff.training.rollback import continue_rollback
+
+        continue_rollback(state, meta[CONTINUE_ROLLBACK])
 
 
 def vae_weights(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

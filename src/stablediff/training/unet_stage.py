@@ -45,6 +45,8 @@ class UNetTrainState:
     images_seen: int = 0
     last_loss: float = float("nan")
     lr_scale: float = 1.0  # lowered by each divergence rollback; part of the checkpoint
+    skipped_batches: int = 0  # batches rollbacks skipped: a step draws with (seed, step + this, rank); checkpointed
+    pending_skip: int = 0  # batches the sampler still has to pass over (set by a rollback, used at once)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -110,11 +112,15 @@ def train_unet(state: UNetTrainState, data: EncodedDataset, noise_scheduler: DDP
                       enabled=rank == 0) as progress:
         while state.step < cfg.max_steps:
             t0 = time.perf_counter()
+            for _ in range(state.pending_skip):  # after a rollback the data order moves on (PaLM)
+                state.sampler.next_batch(step_size)
+            state.pending_skip = 0
+            draw_step = state.step + state.skipped_batches  # and so do the step's random draws
             indices = torch.from_numpy(state.sampler.next_batch(step_size))
             latents, text_embeddings = draw_batch(data, indices, scaling_factor, data_cfg.caption_dropout, seed,
-                                                  state.step, rank, data_cfg.flip_probability)
+                                                  draw_step, rank, data_cfg.flip_probability)
             noise, timesteps = draw_noise(latents, noise_scheduler.config.num_train_timesteps, cfg, seed,
-                                          state.step, rank)
+                                          draw_step, rank)
             batch = StepBatch(latents, text_embeddings, noise, timesteps).to(state.precision.device,
                                                                              cfg.channels_last)
             verdict = optimizer_step(state, noise_scheduler, batch, cfg, step_size * world_size)
