@@ -19,10 +19,12 @@ def demo(run_dir, overrides) -> None:
     """Train a small text-to-image model on the built-in digits, write samples, export it, check it."""
     started = time.perf_counter()
     config, run_dir = resolve_run("digits", run_dir if run_dir else None, overrides)
+    from stablediff.training.interrupt import STOP
     from stablediff.training.run import run_training
 
-    result = run_training(config, run_dir)
-    report = digit_adherence(result.pipeline, config)
+    with STOP.handling():  # also through the adherence check; a stop is reported by cli.errors.run_cli (exit 0)
+        result = run_training(config, run_dir)
+        report = digit_adherence(result.pipeline, config)
     minutes = (time.perf_counter() - started) / 60
     click.echo(f"samples: {run_dir / 'samples' / 'final.png'}")
     click.echo(f"model (diffusers StableDiffusionPipeline): {result.export_dir}")
@@ -36,9 +38,11 @@ def digit_adherence(pipe, config):
     from stablediff.data.digits import NUMBER_WORDS
     from stablediff.evaluation.adherence import adherence
     from stablediff.inference.pipeline import images_to_array, txt2img
+    from stablediff.training.interrupt import STOP
 
     images, requested = [], []
     for digit, word in enumerate(NUMBER_WORDS):
+        STOP.check("while checking prompt adherence", "the model is trained, checkpointed and exported")
         batch = txt2img(pipe, f"a handwritten digit {word}", steps=config.sample.steps,
                         guidance_scale=config.sample.guidance_scale, seed=ADHERENCE_SEED,
                         num=ADHERENCE_SAMPLES_PER_DIGIT)
