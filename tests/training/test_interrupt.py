@@ -87,6 +87,8 @@ def test_sigterm_in_stage_1_saves_it_exits_0_and_the_resumed_run_ends_bitwise_eq
     meta = CheckpointStore(run_dir / "checkpoints").read_manifest(0).meta
     assert meta["stage"] == "vae" and 0 < meta["vae_step"] < 60
     assert f"at its step {meta['vae_step']};" in saved[0]
+    cache = run_cli("data", "cache", *ARGS[1:], "--run-dir", str(run_dir))  # no half-trained VAE to encode with
+    assert cache.returncode == 1 and f"stage 1 stopped at step {meta['vae_step']} of 60" in cache.stderr
 
     resumed = run_cli(*ARGS, "--run-dir", str(run_dir))
     assert resumed.returncode == 0, resumed.stderr
