@@ -13,6 +13,7 @@ weights, AdamW's state and the RNG come back from the checkpoint.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -36,7 +37,7 @@ class Stage1Saves:
     config_dump: dict
     fingerprints: dict = field(default_factory=dict)
     dist_info: DistInfo = field(default_factory=DistInfo)
-    say: Callable[[str], None] = print
+    say: Callable[[str], None] = field(default=lambda message: print(message, file=sys.stderr, flush=True))
 
 
 def vae_stage(config: RunConfig, images, held_out, resume, metrics: MetricsLog | None, trust_pickle: bool = False,
