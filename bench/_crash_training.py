@@ -133,17 +133,16 @@ def vae_campaign(kills: int, workdir: Path, rand: random.Random) -> dict:
     totals = ModeTotals()
     reference = workdir / "reference"
     started = time.perf_counter()
-    ref = run_to_end(reference, VAE_RUN)
-    if ref.returncode != 0:
-        raise RuntimeError(f"reference run failed: {ref.stderr[-2000:]}")
-    stage1_s = _stage1_seconds(reference)
+    stage1_s = _timed_stage1(reference, VAE_RUN)
     expected = final_chunks(reference)
+    left: list[int | None] = []  # per kill, the stage-1 step of the checkpoint it left (None: none yet)
     for kill in range(1, kills + 1):
         run_dir = workdir / f"vae-{kill}"
         killed, _lines = kill_after(run_dir, VAE_RUN, r"stage 1", rand.uniform(0.0, stage1_s))
         totals.kills += killed
         totals.kills_before_target += not killed
         newest = check_store(run_dir, totals, f"kill {kill}")
+        left.append(newest.meta.get("vae_step") if newest is not None else None)
         resumed = run_to_end(run_dir, VAE_RUN)
         if resumed.returncode != 0:
             totals.failures.append(f"kill {kill}: resume exited {resumed.returncode}: {resumed.stderr[-500:]}")
@@ -153,7 +152,8 @@ def vae_campaign(kills: int, workdir: Path, rand: random.Random) -> dict:
             totals.failures.append(f"kill {kill} (checkpoint {newest.step if newest else None}): resumed run "
                                    f"differs from the uninterrupted one in {differing}")
         _progress("vae", kill, kills, totals, started)
-    return {**_as_dict(totals), "stage1_seconds": round(stage1_s, 2), "wall_s": round(time.perf_counter() - started)}
+    return {**_as_dict(totals), "stage1_seconds": round(stage1_s, 2), "stage1_step_left_by_each_kill": left,
+            "wall_s": round(time.perf_counter() - started)}
 
 
 def rollback_campaign(kills: int, workdir: Path, rand: random.Random) -> dict:
@@ -180,11 +180,18 @@ def rollback_campaign(kills: int, workdir: Path, rand: random.Random) -> dict:
     return {**_as_dict(totals), "wall_s": round(time.perf_counter() - started)}
 
 
-def _stage1_seconds(run_dir: Path) -> float:
-    """Wall time of stage 1 in the reference run, from its metrics log."""
-    records = _metrics(run_dir)
-    vae_times = [r["time"] for r in records if r.get("stage") == "vae"]
-    return max(1.0, vae_times[-1] - records[0]["time"]) if vae_times else 2.0
+def _timed_stage1(run_dir: Path, extra: list[str]) -> float:
+    """Run the reference to its end; the seconds from its "stage 1" line to the end of stage 1."""
+    proc = subprocess.Popen(train_cmd(run_dir, extra), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    marks, tail = {}, []
+    for line in proc.stderr:
+        tail = [*tail[-20:], line]
+        for name, prefix in (("start", "stage 1"), ("end", "autoencoder held-out")):
+            if line.startswith(prefix):
+                marks.setdefault(name, time.perf_counter())
+    if proc.wait() != 0 or len(marks) != 2:
+        raise RuntimeError(f"reference run failed: {''.join(tail)}")
+    return marks["end"] - marks["start"]
 
 
 def _metrics(run_dir: Path) -> list[dict]:

@@ -33,6 +33,17 @@ def test_sync_copies_missing_checkpoints_in_commit_order(store, replica):
     assert replica.read_manifest_bytes(3) == store.read_manifest_bytes(3)
 
 
+def test_sync_replaces_a_checkpoint_the_source_saved_again_at_the_same_step(store, replica):
+    # stage 1 of a run is saved as step 0 again and again, then replaced by stage 2's step 0
+    store.save(0, _state(0), meta={"stage": "vae"})
+    sync(store, replica)
+    store.save(0, _state(7), meta={"stage": "unet"})
+    assert sync(store, replica).steps_copied == [0]
+    assert replica.read_manifest_bytes(0) == store.read_manifest_bytes(0)
+    assert replica.load(0).meta["stage"] == "unet"
+    assert sync(store, replica).steps_copied == []  # the same bytes are not written again
+
+
 def test_sync_does_not_propagate_a_damaged_checkpoint(store, replica):
     store.save(1, _state(1))
     store.save(2, _state(2))

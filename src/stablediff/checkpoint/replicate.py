@@ -95,7 +95,7 @@ class _ChunkCopier:
 
 
 def sync(source: CheckpointStore, target: CheckpointStore, *, deep: bool = False) -> SyncReport:
-    """Copy into `target` every checkpoint of `source` it lacks, oldest first.
+    """Copy into `target` every checkpoint of `source` it lacks or holds in another version, oldest first.
 
     Shallow: a target chunk of the right size counts as present. Deep: target
     chunks and manifests are re-read and re-checked, and damaged ones replaced.
@@ -120,7 +120,8 @@ def sync(source: CheckpointStore, target: CheckpointStore, *, deep: bool = False
             continue
         except CheckpointError:  # the manifest was deleted while we listed
             continue
-        if step not in target_steps or (deep and not _same_manifest(target, step, raw)):
+        # A step saved again (stage 1 is always step 0) has a new manifest: compare, not just list.
+        if step not in target_steps or not _same_manifest(target, step, raw):
             target.write_manifest(raw, step)
             report.steps_copied.append(step)
     return report

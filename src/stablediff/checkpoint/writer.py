@@ -112,6 +112,10 @@ class AsyncCheckpointer:
         self._pending = (step, future)
         return stats
 
+    def busy(self) -> bool:
+        """Whether a save is still being written (without waiting for it or raising its error)."""
+        return self._pending is not None and not self._pending[1].done()
+
     def wait(self) -> None:
         """Block until the save in flight is committed; re-raise its error, if any."""
         self._wait_previous(log_wait=False)

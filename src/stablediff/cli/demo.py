@@ -21,12 +21,15 @@ def demo(run_dir, overrides, allow_config_change: bool) -> None:
     """Train a small text-to-image model on the built-in digits, write samples, export it, check it."""
     started = time.perf_counter()
     config, run_dir = resolve_run("digits", run_dir if run_dir else None, overrides)
-    with run_dir_locked(run_dir, "stablediff demo"):
-        claim_run_stores(run_dir, config.checkpoint.replicas)
-        from stablediff.training.run import run_training
+    from stablediff.training.interrupt import STOP
 
-        result = run_training(config, run_dir, allow_config_change=allow_config_change)
-    report = digit_adherence(result.pipeline, config)  # reads the model in memory: no lock needed
+    with STOP.handling():  # also through the adherence check; a stop is reported by cli.errors.run_cli (exit 0)
+        with run_dir_locked(run_dir, "stablediff demo"):
+            claim_run_stores(run_dir, config.checkpoint.replicas)
+            from stablediff.training.run import run_training
+
+            result = run_training(config, run_dir, allow_config_change=allow_config_change)
+        report = digit_adherence(result.pipeline, config)  # reads the model in memory: no lock needed
     minutes = (time.perf_counter() - started) / 60
     click.echo(f"samples: {run_dir / 'samples' / 'final.png'}")
     click.echo(f"model (diffusers StableDiffusionPipeline): {result.export_dir}")
@@ -40,9 +43,11 @@ def digit_adherence(pipe, config):
     from stablediff.data.digits import NUMBER_WORDS
     from stablediff.evaluation.adherence import adherence
     from stablediff.inference.pipeline import images_to_array, txt2img
+    from stablediff.training.interrupt import STOP
 
     images, requested = [], []
     for digit, word in enumerate(NUMBER_WORDS):
+        STOP.check("while checking prompt adherence", "the model is trained, checkpointed and exported")
         batch = txt2img(pipe, f"a handwritten digit {word}", steps=config.sample.steps,
                         guidance_scale=config.sample.guidance_scale, seed=ADHERENCE_SEED,
                         num=ADHERENCE_SAMPLES_PER_DIGIT)

@@ -16,12 +16,21 @@ USER_ERRORS = (UserError, ValueError, FileNotFoundError, PermissionError, OSErro
 
 
 def run_cli(group: click.Group) -> None:
+    from stablediff.training.interrupt import EmergencySaveFailed, TrainingInterrupted  # light: no torch
+
     debug = "--debug" in sys.argv[1:]
     try:
         status = group.main(standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(1)
+    except TrainingInterrupted as stop:  # SIGTERM/SIGINT: the run stopped at a safe point, nothing lost
+        click.echo(str(stop), err=True)
+        sys.exit(0)
+    except EmergencySaveFailed as exc:
+        click.secho(f"error: {exc}", fg="red", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort as exc:
+        interrupted = isinstance(exc.__context__, KeyboardInterrupt)  # Ctrl-C outside a run's handlers
+        click.echo("interrupted (SIGINT)" if interrupted else "aborted", err=True)
+        sys.exit(130 if interrupted else 1)
     except click.ClickException as exc:  # usage errors: bad option, missing argument
         exc.show()
         sys.exit(exc.exit_code)

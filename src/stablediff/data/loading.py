@@ -83,11 +83,13 @@ class CaptionedImages:
 def load_captioned_images(spec: str, resolution: int, run_dir: Path, max_reject_fraction: float,
                           caption_policy: str = "error", limit: int | None = None, framing: Framing | None = None,
                           num_workers: int = 0, validation: ValidationConfig = DEFAULT_VALIDATION,
-                          allow_outside_paths: bool = False) -> CaptionedImages:
+                          allow_outside_paths: bool = False,
+                          stop: Callable[[], None] | None = None) -> CaptionedImages:
     """Every sample of `spec` judged (rejects to RUN_DIR/quarantine.jsonl), framed and split.
 
     `framing` buckets and crops the images for the latents (default: the `resolution`
     square, centre crop); `num_workers` decode in that many processes (same result).
+    `stop` is called before each sample and may raise to end ingestion there (SIGTERM).
     """
     framing = framing or Framing.square(resolution)
     task = IngestTask(validation, framing, resolution)
@@ -96,6 +98,8 @@ def load_captioned_images(spec: str, resolution: int, run_dir: Path, max_reject_
     judged = ingest(open_source(spec, caption_policy, allow_outside_paths), validator, task, num_workers)
     with Quarantine(run_dir) as quarantine, closing(judged):  # closing: a `limit` stops the workers at once
         for sample, verdict, framed in judged:
+            if stop is not None:
+                stop()
             if framed is None:
                 quarantine.add(sample, verdict)
                 continue
@@ -135,15 +139,16 @@ def framing_for(cfg: DataConfig, seed: int, bucket_step: int) -> Framing:
 
 
 def load_training_data(cfg: DataConfig, seed: int, run_dir: Path, bucket_step: int,
-                       log: Callable[[str], None] = print) -> CaptionedImages:
-    """The digits' fixed split, or any source through validation; captions tag-shuffled if asked."""
+                       log: Callable[[str], None] = print, stop: Callable[[], None] | None = None) -> CaptionedImages:
+    """The digits' fixed split, or any source through validation; captions tag-shuffled if asked.
+    `stop`: see `load_captioned_images`."""
     framing = framing_for(cfg, seed, bucket_step)
     if cfg.source == "builtin:digits":
         return _digits(cfg, framing)
     workers = default_num_workers() if cfg.num_workers is None else cfg.num_workers
     data = load_captioned_images(cfg.source, cfg.resolution, run_dir, cfg.max_reject_fraction, cfg.caption_policy,
                                  cfg.limit, framing, workers, ValidationConfig(max_aspect=cfg.max_aspect),
-                                 cfg.allow_outside_paths)
+                                 cfg.allow_outside_paths, stop)
     log(f"data: {len(data.captions)} training and {len(data.held_out)} held-out samples from {cfg.source}"
         + (f" in {len(set(data.framed.bucket_ids))} buckets" if cfg.buckets else ""))
     if cfg.caption_shuffle_variants > 1:

@@ -4,13 +4,13 @@ One place decides where a run resumes (`find_resume`): the newest checkpoint
 that verifies in the primary store, with replicas as fallbacks for damaged
 chunks, never one a divergence rollback abandoned; when it predates the run's
 last rollback, the rolled-back trajectory continues from it. Saves go through
-the asynchronous writer; SIGTERM/SIGINT set a flag that the loop checks at the
-next step boundary, where an emergency checkpoint is written before the run stops.
+the asynchronous writer; SIGTERM/SIGINT set the stop flag (`interrupt.STOP`)
+that the loop checks at the next step boundary, where an emergency checkpoint
+is written before the run stops.
 """
 
 from __future__ import annotations
 
-import signal
 import time
 from pathlib import Path
 from typing import Callable
@@ -21,15 +21,8 @@ from stablediff.config.schema import CheckpointConfig
 from stablediff.training import distributed
 from stablediff.training import state as train_state
 from stablediff.training.distributed import DistInfo
+from stablediff.training.interrupt import STOP, EmergencySaveFailed, TrainingInterrupted
 from stablediff.training.rollback import describe as describe_rollback
-
-
-class TrainingInterrupted(Exception):
-    """Raised after the emergency checkpoint of a SIGTERM/SIGINT has been committed."""
-
-    def __init__(self, signal_name: str, step: int) -> None:
-        super().__init__(f"{signal_name}: saved a checkpoint at step {step}; run the same command to continue")
-        self.signal_name, self.step = signal_name, step
 
 
 def open_stores(run_dir: Path, cfg: CheckpointConfig) -> tuple[CheckpointStore, list[CheckpointStore]]:
@@ -58,7 +51,7 @@ def find_resume(primary: CheckpointStore, replicas: list[CheckpointStore], say: 
     for note in loaded.notes():
         say(note)
     if announce:
-        say(f"resumed from step {loaded.step}")
+        say(train_state.resume_message(loaded))
     pending = lineage.pending_rollback(lineage.records_of([primary, *replicas]), loaded.meta)
     if pending is not None:  # killed right after a rollback: continue the rolled-back trajectory
         loaded.meta = {**loaded.meta, train_state.CONTINUE_ROLLBACK: pending}
@@ -95,22 +88,6 @@ class RunCheckpointer:
         self.cfg, self.say = cfg, say
         self._last_save_time = time.monotonic()
         self._last_saved_step: int | None = None
-        self.stop_signal: str | None = None
-        self._previous_handlers: dict[int, object] = {}
-
-    # -- signals -------------------------------------------------------------------
-    def install_signal_handlers(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
-
-    def _on_signal(self, signum: int, frame) -> None:
-        self.stop_signal = signal.Signals(signum).name
-        self.say(f"{self.stop_signal} received: saving a checkpoint at the end of this step")
-
-    def restore_signal_handlers(self) -> None:
-        for sig, handler in self._previous_handlers.items():
-            signal.signal(sig, handler)
-        self._previous_handlers.clear()
 
     # -- saving --------------------------------------------------------------------
     def save(self, step: int, capture: Callable[[], tuple[dict, dict] | None], metrics: dict | None = None) -> None:
@@ -119,6 +96,10 @@ class RunCheckpointer:
         if self.writer is not None and captured is not None:
             self.writer.snapshot_and_save(step, *captured, metrics or {})
         self._last_save_time, self._last_saved_step = time.monotonic(), step
+
+    def busy(self) -> bool:
+        """Whether rank 0's previous save is still being written."""
+        return self.writer is not None and self.writer.busy()
 
     def mark_saved(self, step: int) -> None:
         """A resumed run's starting step is already in the store."""
@@ -132,13 +113,23 @@ class RunCheckpointer:
     def after_step(self, step: int, capture: Callable[[], tuple[dict, dict] | None], metrics: dict,
                    force: bool = False) -> None:
         """Called at every step boundary: scheduled (or `force`d) saves, and the emergency save on a signal."""
-        stop, due = distributed.any_rank([self.stop_signal is not None, force or self.due(step)])
+        stop, due = distributed.any_rank([STOP.signal_name is not None, force or self.due(step)])
         if stop:
-            self.save(step, capture, metrics)
-            self.wait()
-            raise TrainingInterrupted(self.stop_signal or "SIGTERM (another rank)", step)
+            self.emergency_save(step, capture, metrics)
+            raise TrainingInterrupted(STOP.signal_name or "SIGTERM (another rank)", step)
         if due:
             self.save(step, capture, metrics)
+
+    def emergency_save(self, step: int, capture: Callable[[], tuple[dict, dict] | None],
+                       metrics: dict | None = None, what: str | None = None) -> None:
+        """Save `step` and wait for the commit; `EmergencySaveFailed` (exit 143) when it cannot be written."""
+        try:
+            self.save(step, capture, metrics)
+            self.wait()
+        except Exception as exc:
+            raise EmergencySaveFailed(f"{STOP.signal_name or 'SIGTERM'}: the emergency checkpoint "
+                                      f"{what or f'of step {step}'} could not be written ({exc}); "
+                                      "the older checkpoints are intact") from exc
 
     def finish(self, step: int, capture: Callable[[], tuple[dict, dict] | None], metrics: dict) -> None:
         """The final checkpoint (unless this step was just saved), then wait for the writer."""
@@ -176,9 +167,8 @@ class RunCheckpointer:
                          "the next save brings it")
 
     def close(self) -> None:
-        self.restore_signal_handlers()
         if self.writer is not None:
             self.writer.close()
 
 
-__all__ = ["RunCheckpointer", "TrainingInterrupted", "find_resume", "open_stores", "train_state"]
+__all__ = ["EmergencySaveFailed", "RunCheckpointer", "TrainingInterrupted", "find_resume", "open_stores", "train_state"]

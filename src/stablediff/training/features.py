@@ -149,11 +149,15 @@ def _encode(vae: AutoencoderKL, images: torch.Tensor, batch_size: int) -> tuple[
 
 def encode_dataset_cached(vae: AutoencoderKL, framed: FramedImages, captions: list[list[str]],
                           text_encoder: TextEncoder, cache: FeatureCache, flip: bool = False, bucketed: bool = False,
-                          batch_size: int = 256) -> tuple[EncodedDataset, EncodeCounts]:
+                          batch_size: int = 256,
+                          on_batch: Callable[[], None] | None = None) -> tuple[EncodedDataset, EncodeCounts]:
     """Like `encode_dataset`, through the on-disk cache: only what is not cached is encoded.
 
     Each (bucket, crop variant) is its own latents namespace (`Framing.transform_id`).
+    `on_batch` is called after each encoded batch and may raise to stop (SIGTERM): the rows
+    encoded so far are flushed into the cache on the way out.
     """
+    progress = (lambda done, total: on_batch()) if on_batch is not None else None
     vae.eval()
     fingerprint = vae_fingerprint(vae)  # once: hashing a large VAE takes a while
     counts = EncodeCounts()
@@ -163,7 +167,8 @@ def encode_dataset_cached(vae: AutoencoderKL, framed: FramedImages, captions: li
         keys = [framed.keys[i] for i in members]
         with cache.latents(vae, transform_id, fingerprint) as latents:  # one store: shards verified once
             done = encode_all(cache, vae, None, [(k, image, ()) for k, image in zip(keys, crops)], transform_id,
-                              flip=flip, batch_size=batch_size, fingerprint=fingerprint, latents=latents)
+                              flip=flip, batch_size=batch_size, fingerprint=fingerprint, latents=latents,
+                              progress=progress)
             flipped = latents.get(keys, flipped=True) if flip else (None, None)
             mean_std = latents.get(keys)
         counts.latents_encoded += done.latents_encoded
@@ -171,6 +176,8 @@ def encode_dataset_cached(vae: AutoencoderKL, framed: FramedImages, captions: li
         return (*mean_std, *flipped)
 
     distinct, caption_ids = caption_table(captions)
+    if on_batch is not None:
+        on_batch()
     with cache.text(text_encoder) as text:
         missing = text.missing(distinct)
         text.add(missing)

@@ -20,7 +20,7 @@ import torch
 from stablediff.checkpoint.lock import has_run_content
 from stablediff.config import RunConfig, dump_config
 from stablediff.data.loading import CaptionedImages, load_training_data
-from stablediff.models.build import build_noise_scheduler, build_unet, build_vae, count_parameters, vae_downscale
+from stablediff.models.build import build_noise_scheduler, build_unet, count_parameters, vae_downscale
 from stablediff.models.text_encoder import load_text_encoder
 from stablediff.training import state as train_state
 from stablediff.training.checkpointing import RunCheckpointer, find_resume, open_stores
@@ -32,10 +32,12 @@ from stablediff.training.resume_check import ResumeCheck, explain_load_errors, s
 from stablediff.training.run_configs import write_run_config
 from stablediff.training.seeding import seed_everything
 from stablediff.training import distributed
+from stablediff.training.interrupt import STOP, handles_signals, safe_point
 from stablediff.training.hooks import make_hooks
 from stablediff.training.precision import resolve_device
 from stablediff.training.unet_stage import make_train_state, train_unet, wrap_data_parallel
-from stablediff.training.vae_stage import VAEReport, train_vae
+from stablediff.training.stage1 import Stage1Saves, vae_stage
+from stablediff.training.vae_stage import VAEReport
 
 
 @dataclass
@@ -69,7 +71,10 @@ def commit_run_files(config: RunConfig, run_dir: Path, resume, check: ResumeChec
     if resume is None:  # no checkpoint: the run starts over, and so does its log
         metrics.rewind(None, None)
     else:
-        metrics.rewind(resume.meta.get("stage", train_state.UNET_STAGE), resume.step)
+        stage = resume.meta.get("stage", train_state.UNET_STAGE)
+        # A stage-1 checkpoint is manifest step 0; the autoencoder's own step is in its meta.
+        step = resume.meta.get("vae_step", resume.step) if stage == train_state.VAE_STAGE else resume.step
+        metrics.rewind(stage, step)
     write_run_config(run_dir, dump_config(config), resume.step if resume else 0, keep_previous=resume is not None)
     if check is not None:
         check.record(metrics, state_extra)
@@ -78,15 +83,19 @@ def commit_run_files(config: RunConfig, run_dir: Path, resume, check: ResumeChec
 def load_training_images(config: RunConfig, run_dir: Path) -> CaptionedImages:
     """The digits' fixed split, or any source through validation: `.images`, `.held_out`, `.captions`,
     `.keys` (content hashes, for the feature cache) and `.framed` (bucketed, cropped: for the latents)."""
-    return load_training_data(config.data, config.seed, run_dir, bucket_step(config.vae), say)
+    return load_training_data(config.data, config.seed, run_dir, bucket_step(config.vae), say,
+                              stop=safe_point("while reading the data", "nothing needed saving yet"))
 
 
 def encode_features(config: RunConfig, run_dir: Path, vae, loaded: CaptionedImages, text_encoder):
     """Latents (per bucket and crop variant) and caption embeddings through the on-disk feature cache."""
     cache = FeatureCache(config.data.cache_dir or run_dir / "features")
+    stop = safe_point("while encoding features", f"what was encoded is kept in {cache.root} (and stage 1 "
+                                                 "in its checkpoint)")
+    stop()
     data, counts = encode_dataset_cached(vae, loaded.framed, loaded.captions, text_encoder, cache,
                                          flip=config.data.flip_probability > 0,
-                                         bucketed=config.data.buckets is not None)
+                                         bucketed=config.data.buckets is not None, on_batch=stop)
     say(f"features: {counts.latents_encoded} images and {counts.text_encoded} captions encoded, "
         f"{counts.latents_reused} images and {counts.text_reused} captions reused from {cache.root}")
     return data
@@ -117,6 +126,7 @@ class Stage2:
         return pipe.to(self.state.precision.device)
 
 
+@handles_signals  # before any work: each stage stops at its next safe point (training/interrupt.py)
 def run_training(config: RunConfig, run_dir: Path, fresh: bool = False, trust_pickle: bool = False,
                  allow_config_change: bool = False) -> RunResult:
     """A whole run; under torchrun every rank calls this and rank 0 writes the run directory."""
@@ -151,11 +161,11 @@ def train_stage2(config: RunConfig, run_dir: Path, fresh: bool, trust_pickle: bo
         stage = build_stage2(config, run_dir, resume, metrics, trust_pickle, dist_info, device, check)
     if resume is not None and dist_info.is_main:
         commit_run_files(config, run_dir, resume, check, metrics, stage.state.extra)
-    stage.complete_at = completed_step(resume, config.train.max_steps)
+    stage.complete_at = completed_step(train_state.unet_resume(resume), config.train.max_steps)
     timings["rebuilt"] = time.time()
+    resume = train_state.unet_resume(resume)  # a stage-1 checkpoint was resumed by build_stage2
     checkpointer = RunCheckpointer(primary, replicas, config.checkpoint, say, dist_info,
                                    rollback_window=config.guard.within_steps if config.guard.enabled else None)
-    checkpointer.install_signal_handlers()
     hooks = make_hooks(config, run_dir, stage, checkpointer, metrics, resume, timings, dist_info)
     try:
         if resume is None:  # protects stage 1's work before stage 2 starts
@@ -199,13 +209,15 @@ def build_stage2(config: RunConfig, run_dir: Path, resume, metrics: MetricsLog |
     data_dir = run_dir if dist_info.is_main else Path(tempfile.mkdtemp(prefix="stablediff-rank"))
     loaded = load_training_images(config, data_dir)
     images, held_out, captions = loaded.images, loaded.held_out, loaded.captions
+    STOP.check("after reading the data", "nothing needed saving yet")
     text_encoder = load_text_encoder(config.text_encoder.name, config.text_encoder.max_length, trust_pickle)
     fingerprints = {"code": train_state.code_fingerprint(), "data": train_state.data_fingerprint(images, captions),
                     "text_encoder": text_encoder.fingerprint}
     if check is not None:
         check.check_fingerprints(fingerprints)
     if config.vae.enabled:
-        vae, vae_report = vae_stage(config, images, held_out, resume, metrics, trust_pickle)
+        saves = Stage1Saves(run_dir, config.model_dump(mode="json"), fingerprints, dist_info, say)
+        vae, vae_report = vae_stage(config, images, held_out, resume, metrics, trust_pickle, saves)
         data = encode_features(config, run_dir, vae, loaded, text_encoder)
         scaling_factor, latent_channels = vae.config.scaling_factor, vae.config.latent_channels
         latent_size = config.data.resolution // vae_downscale(vae)
@@ -222,7 +234,7 @@ def build_stage2(config: RunConfig, run_dir: Path, resume, metrics: MetricsLog |
                              device, config.guard, bucket_ids=data.sampler_buckets)
     state.extra = {"vae_scaling_factor": scaling_factor,
                    "vae_report": asdict(vae_report) if vae_report else None}
-    if resume is not None:
+    if train_state.unet_resume(resume) is not None:
         meta = check.restorable_meta(state.sampler) if check is not None else resume.meta
         train_state.restore(state, resume.tensors, meta, rank=dist_info.rank)
     capture = partial(capture_all_ranks, state, vae, config.model_dump(mode="json"), fingerprints, dist_info)
@@ -239,6 +251,7 @@ def capture_all_ranks(state, vae, config_dump: dict, fingerprints: dict, dist_in
     return train_state.capture(state, vae, config_dump, fingerprints, gathered[1:])
 
 
+@handles_signals
 def cache_features(config: RunConfig, run_dir: Path, trust_pickle: bool = False) -> None:
     """`stablediff data cache`: encode the data with the run's VAE (its checkpoint, or vae.pretrained)."""
     primary, replicas = open_stores(run_dir, config.checkpoint)
@@ -267,6 +280,8 @@ def export_and_sample(config: RunConfig, run_dir: Path, stage: Stage2) -> RunRes
     if stage.complete_at is not None and outputs_up_to_date(stage.complete_at, export_dir, final_grid,
                                                             run_dir / "checkpoints", pixel, say):
         return result
+    kept = f"training is complete and checkpointed (step {stage.state.step})"
+    STOP.check("before the export", kept)
     # Atomic (models/atomic_output.py): a crash or full disk leaves the previous export whole.
     if pixel:
         def write_pixel(tmp: Path) -> None:
@@ -276,26 +291,9 @@ def export_and_sample(config: RunConfig, run_dir: Path, stage: Stage2) -> RunRes
         save_folder(write_pixel, export_dir, replace=True, step=stage.state.step)
     else:
         save_pipeline_folder(pipe, export_dir, replace=True, step=stage.state.step)
+    STOP.check("before the final samples", f"{kept} and exported to {export_dir}")
     write_samples(stage, config, final_grid)
     return result
-
-
-def vae_stage(config: RunConfig, images, held_out, resume, metrics: MetricsLog, trust_pickle: bool = False):
-    """Stage 1: the autoencoder from a checkpoint, a pretrained folder, or trained here."""
-    vae = build_vae(config.vae, config.data.resolution, trust_pickle)
-    vae_report = None
-    if resume is not None:
-        vae.load_state_dict(train_state.vae_weights(resume.tensors))
-        vae.register_to_config(scaling_factor=resume.meta["vae_scaling_factor"])
-        if resume.meta.get("vae_report"):
-            vae_report = VAEReport(**resume.meta["vae_report"])
-    elif not config.vae.pretrained and config.vae.train_steps > 0:
-        say(f"stage 1: autoencoder, {count_parameters(vae) / 1e6:.2f}M parameters, {config.vae.train_steps} steps")
-        vae_report = train_vae(vae, images, held_out, config.vae, config.seed, log=metrics.write)
-        say(f"autoencoder held-out reconstruction: MSE {vae_report.held_out_mse:.4f}, "
-            f"PSNR {vae_report.held_out_psnr:.1f} dB")
-        metrics.write(stage="vae", held_out_mse=vae_report.held_out_mse, held_out_psnr=vae_report.held_out_psnr)
-    return vae.requires_grad_(False).eval(), vae_report
 
 
 def write_sample_grid(pipe, config: RunConfig, path: Path) -> list:

@@ -1,6 +1,9 @@
 """What a resumable checkpoint holds, and how it is taken from and put back into a run.
 
-Tensors (flat names, stored as content-addressed chunks):
+Every checkpoint records its stage in meta "stage".
+
+Stage 2 ("unet"), one checkpoint per UNet step. Tensors (flat names, stored as
+content-addressed chunks):
   vae/*            the autoencoder (frozen after stage 1: costs no bytes after the first save)
   unet/*, ema/*    the UNet and its moving average
   optim/<i>/<key>  AdamW's per-parameter state (exp_avg, exp_avg_sq, step)
@@ -9,6 +12,13 @@ JSON meta: stage, step and image counters, sampler position, optimizer param
 groups, LR-schedule state, python's RNG state, the resolved config, the VAE
 report and the code/data fingerprints. Everything else in a run is a pure
 function of these (per-step randomness is seeded by (seed, step, rank)).
+
+Stage 1 ("vae") comes before UNet step 0, so its checkpoints are stored as step
+0, each replacing the one before, and stage 2's step 0 replaces the last (the
+store's steps stay the run's UNet steps for every tool). Tensors vae/*,
+vae_optim/<i>/<key> (AdamW's state) and rng/*; meta vae_step, vae_loss, the
+optimizer's param groups, the RNG, the config and fingerprints. A finished stage 1
+drops the optimizer state and records vae_report and vae_scaling_factor instead.
 """
 
 from __future__ import annotations
@@ -26,6 +36,8 @@ import stablediff
 
 UNET_STAGE = "unet"
 CONTINUE_ROLLBACK = "continue_rollback"  # meta key find_resume adds: the rollback record to continue (not saved)
+VAE_STAGE = "vae"
+VAE_CHECKPOINT_STEP = 0  # stage 1 is saved as step 0 and replaced by each newer save, then by stage 2's step 0
 
 
 def capture(state, vae: torch.nn.Module | None, config_dump: dict, fingerprints: dict,
@@ -40,9 +52,7 @@ def capture(state, vae: torch.nn.Module | None, config_dump: dict, fingerprints:
     tensors.update(_prefixed("unet", state.unet.state_dict()))
     tensors.update(_prefixed("ema", state.ema.state_dict()))
     optim = state.optimizer.state_dict()
-    for index, per_param in optim["state"].items():
-        for key, value in per_param.items():
-            tensors[f"optim/{index}/{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    tensors.update(_optimizer_tensors("optim", optim))
     rng_tensors, rng_meta = local_rng()
     tensors.update(_prefixed("rng", rng_tensors))
     for rank, (ranked_tensors, ranked_meta) in enumerate(other_ranks_rng, start=1):
@@ -98,12 +108,7 @@ def restore(state, tensors: dict[str, torch.Tensor], meta: dict, rank: int = 0) 
     """
     state.unet.load_state_dict(_unprefixed("unet", tensors))
     state.ema.load_state_dict(_unprefixed("ema", tensors))
-    optim_state: dict[int, dict[str, Any]] = {}
-    for name, value in tensors.items():
-        if name.startswith("optim/"):
-            _, index, key = name.split("/", 2)
-            optim_state.setdefault(int(index), {})[key] = value
-    state.optimizer.load_state_dict({"state": optim_state, "param_groups": meta["optimizer_param_groups"]})
+    state.optimizer.load_state_dict(_optimizer_state("optim", tensors, meta["optimizer_param_groups"]))
     state.lr_scheduler.load_state_dict(meta["lr_scheduler"])
     state.sampler.load_state_dict(meta["sampler"])
     state.step, state.images_seen = int(meta["step"]), int(meta["images_seen"])
@@ -124,6 +129,64 @@ def restore(state, tensors: dict[str, torch.Tensor], meta: dict, rank: int = 0) 
 
 def vae_weights(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return _unprefixed("vae", tensors)
+
+
+def stage_of(meta: dict) -> str:
+    return meta.get("stage", UNET_STAGE)
+
+
+def unet_resume(loaded):
+    """`loaded` if it is a stage-2 checkpoint (stage 2 resumes from it), else None."""
+    return loaded if loaded is not None and stage_of(loaded.meta) == UNET_STAGE else None
+
+
+def capture_vae(vae_state, config_dump: dict, fingerprints: dict, finished: dict | None = None) -> tuple[dict, dict]:
+    """(tensors, meta) of stage 1 at a step boundary. `finished`: {"vae_report", "vae_scaling_factor"}
+    once it is done; the optimizer state is then left out (nothing resumes it)."""
+    tensors = _prefixed("vae", vae_state.vae.state_dict())
+    rng_tensors, rng_meta = local_rng()
+    tensors.update(_prefixed("rng", rng_tensors))
+    meta = {"stage": VAE_STAGE, "vae_step": vae_state.step, "vae_loss": vae_state.last_loss, "rng": rng_meta,
+            "config": config_dump, "fingerprints": fingerprints}
+    if finished is None:
+        optim = vae_state.optimizer.state_dict()
+        tensors.update(_optimizer_tensors("vae_optim", optim))
+        meta["optimizer_param_groups"] = optim["param_groups"]
+    else:
+        meta.update(finished)
+    return tensors, meta
+
+
+def restore_vae(vae_state, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Put an unfinished stage-1 checkpoint back into a freshly built `VAETrainState`."""
+    vae_state.vae.load_state_dict(_unprefixed("vae", tensors))
+    vae_state.optimizer.load_state_dict(_optimizer_state("vae_optim", tensors, meta["optimizer_param_groups"]))
+    vae_state.step, vae_state.last_loss = int(meta["vae_step"]), float(meta["vae_loss"])
+    restore_local_rng(_unprefixed("rng", tensors), meta["rng"])
+
+
+def resume_message(loaded) -> str:
+    meta = loaded.meta
+    if stage_of(meta) != VAE_STAGE:
+        return f"resumed from step {loaded.step}"
+    if meta.get("vae_report"):
+        return "resumed after stage 1: the trained autoencoder comes from the checkpoint, not trained again"
+    return f"resumed stage 1 (autoencoder) from its step {meta['vae_step']}"
+
+
+def _optimizer_tensors(prefix: str, optim: dict) -> dict[str, torch.Tensor]:
+    """`<prefix>/<param index>/<key>` for each per-parameter state entry (AdamW: exp_avg, exp_avg_sq, step)."""
+    return {f"{prefix}/{index}/{key}": value if torch.is_tensor(value) else torch.tensor(value)
+            for index, per_param in optim["state"].items() for key, value in per_param.items()}
+
+
+def _optimizer_state(prefix: str, tensors: dict[str, torch.Tensor], param_groups: list) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith(prefix + "/"):
+            _, index, key = name.split("/", 2)
+            state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": param_groups}
 
 
 def code_fingerprint() -> str:
