@@ -26,9 +26,10 @@ def records(path: Path) -> list[dict]:
 
 
 def snapshot(run_dir: Path) -> dict[str, tuple[int, int]]:
-    """Every file of the run outside the feature cache, with its mtime and size."""
+    """Every file of the run outside the feature cache, with its mtime and size; not `.lock`, which
+    each command that writes the run rewrites to name itself as the holder."""
     return {str(p.relative_to(run_dir)): (p.stat().st_mtime_ns, p.stat().st_size)
-            for p in run_dir.rglob("*") if p.is_file() and "features" not in p.parts}
+            for p in run_dir.rglob("*") if p.is_file() and "features" not in p.parts and p.name != ".lock"}
 
 
 @pytest.fixture(scope="module")

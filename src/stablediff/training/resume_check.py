@@ -16,6 +16,7 @@ from typing import Callable
 
 from stablediff.config import RunConfig
 from stablediff.config.changes import SAFE, ConfigChange, diff_configs
+from stablediff.training import state as train_state
 
 # Fingerprints every checkpoint holds -> what a different one means. New code is not
 # refused: fixes must reach a running run; it is said and recorded.
@@ -73,7 +74,8 @@ class ResumeCheck:
         """What changed, as an event in metrics.jsonl and in the meta of every later checkpoint."""
         earlier = list(self.meta.get(CHANGES_META_KEY) or [])
         if not self.changes:
-            state_extra[CHANGES_META_KEY] = earlier
+            if earlier:  # absent when nothing ever changed: a resumed run's meta equals an uninterrupted one's
+                state_extra[CHANGES_META_KEY] = earlier
             return
         records = [c.as_record() for c in self.changes]
         state_extra[CHANGES_META_KEY] = [*earlier, {"step": self.step, "changes": records}]
@@ -90,7 +92,7 @@ def start_resume_check(config: RunConfig, run_dir, resume, allow_change: bool,
         return None
     check = ResumeCheck(run_dir, resume.step, resume.meta, allow_change, say)
     check.check_config(config.model_dump(mode="json"))
-    say(f"resumed from step {resume.step}")
+    say(train_state.resume_message(resume))
     return check
 
 
