@@ -87,7 +87,7 @@ def load_checkpoint(
     reasons = "; ".join(f"step {s.step}: {s.reason}" for s in skipped[:5])
     raise CheckpointError(
         f"all {len(skipped)} checkpoints in {store.location} failed verification ({reasons}). "
-        f"Run `stablediff ckpt verify --deep` for details and `stablediff ckpt repair` with a replica."
+        f"Run `stablediff ckpt verify` for details and `stablediff ckpt repair` with a replica."
     )
 
 
