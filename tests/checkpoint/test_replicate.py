@@ -54,6 +54,19 @@ def test_sync_does_not_propagate_a_damaged_checkpoint(store, replica):
     assert "step 2 not copied" in report.problems[0] and "corrupt" in report.problems[0]
 
 
+def test_a_damaged_replica_chunk_that_a_new_checkpoint_shares_is_rewritten_not_trusted(store, replica):
+    store.save(1, _state(1))
+    sync(store, replica)
+    with open(first_chunk_path(replica, "frozen", 1), "r+b") as f:  # same size, one flipped word
+        f.write(b"\xff\xff\xff\xff")
+    store.save(2, _state(2))  # shares the frozen chunk
+    later = CheckpointStore(replica.location, chunk_bytes=CHUNK)  # a new process: it knows no chunk yet
+    report = sync(store, later)
+    assert report.steps_copied == [2] and report.chunks_healed == 1
+    assert later.verify(deep=True).ok  # step 1 too: it shares the rewritten chunk
+    assert sync(store, later).chunks_healed == 0  # checked once per process
+
+
 def test_unwritable_replica_does_not_stop_saves(store, tmp_path):
     broken = _file_in_the_way(tmp_path)
     messages: list[str] = []

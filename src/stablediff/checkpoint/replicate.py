@@ -28,6 +28,7 @@ class SyncReport:
     steps_copied: list[int] = field(default_factory=list)
     chunks_copied: int = 0
     bytes_copied: int = 0
+    chunks_healed: int = 0  # damaged target chunks rewritten from the source
     problems: list[str] = field(default_factory=list)  # checkpoints that could not be copied
 
     @property
@@ -52,28 +53,38 @@ class RepairReport:
             out.append(
                 f"synced {s.target}: {len(s.steps_copied)} manifests, {s.chunks_copied} chunks "
                 f"({s.bytes_copied} bytes) copied"
+                + (f", {s.chunks_healed} damaged chunks rewritten" if s.chunks_healed else "")
             )
             out += [f"NOT synced to {s.target}: {p}" for p in s.problems]
         return out
 
 
 class _ChunkCopier:
-    """Copies chunks into `target` that it lacks (or, with deep, holds damaged)."""
+    """Copies chunks into `target` that it lacks or holds damaged.
+
+    A target chunk of the right size is trusted only once this process knows it is
+    good (the target store's `known_good`: written or verified by it); the first
+    reuse re-reads and checks it, so a flipped bit in a chunk every replica
+    checkpoint shares is rewritten from the source instead of being referenced
+    forever. Deep: every chunk is re-checked, known or not.
+    """
 
     def __init__(self, source: CheckpointStore, target: CheckpointStore, deep: bool, report: SyncReport):
         self.source, self.target, self.deep, self.report = source, target, deep, report
         self.target_sizes = target.object_sizes()
-        self.known_good: set[str] = set()
+        self.checked: set[str] = set()  # by this sync (deep re-checks even known-good chunks once)
 
     def _target_has(self, digest: str, size: int) -> bool:
         if self.target_sizes.get(digest) != size:
             return False
-        if self.deep and digest not in self.known_good:
+        known = digest in self.checked or (digest in self.target.known_good and not self.deep)
+        if not known:
             try:
-                self.target.read_chunk(digest, size)
+                self.target.read_chunk(digest, size)  # adds it to the target's known_good
             except ChunkError:
+                self.report.chunks_healed += 1
                 return False
-        self.known_good.add(digest)
+        self.checked.add(digest)
         return True
 
     def copy_for(self, manifest: Manifest) -> None:
@@ -86,7 +97,7 @@ class _ChunkCopier:
                 data = self.source.read_chunk(digest, size)  # verified against its hash
                 self.target.put_chunk(digest, data, sync_dir=False)
                 self.target_sizes[digest] = size
-                self.known_good.add(digest)
+                self.checked.add(digest)
                 written.append(digest)
                 self.report.chunks_copied += 1
                 self.report.bytes_copied += size
@@ -97,8 +108,9 @@ class _ChunkCopier:
 def sync(source: CheckpointStore, target: CheckpointStore, *, deep: bool = False) -> SyncReport:
     """Copy into `target` every checkpoint of `source` it lacks or holds in another version, oldest first.
 
-    Shallow: a target chunk of the right size counts as present. Deep: target
-    chunks and manifests are re-read and re-checked, and damaged ones replaced.
+    A target chunk counts as present once this process has checked it (the first
+    reuse re-reads it; a damaged one is rewritten from the source). Deep: every
+    target chunk and manifest is re-read and re-checked, and damaged ones replaced.
     Raises OSError when the target cannot be written and StoreOwnedByAnotherRun
     when it is another run's; damaged source data is reported in `problems` instead.
     """
