@@ -25,20 +25,10 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 def _register() -> None:
-    from stablediff.cli import demo, generate, train
+    from stablediff.cli import ckpt, data, demo, generate, train
 
-    cli.add_command(train.train)
-    cli.add_command(demo.demo)
-    cli.add_command(generate.generate)
-    for optional in ("ckpt", "data"):
-        # Command groups built by other parts of the package; each module exposes `group`.
-        try:
-            module = __import__(f"stablediff.cli.{optional}", fromlist=["group"])
-        except ModuleNotFoundError as exc:
-            if exc.name != f"stablediff.cli.{optional}":
-                raise
-            continue
-        cli.add_command(module.group)
+    for command in (train.train, demo.demo, generate.generate, ckpt.group, data.group):
+        cli.add_command(command)
 
 
 _register()

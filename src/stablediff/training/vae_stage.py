@@ -20,11 +20,6 @@ from stablediff.training.progress import StepProgress
 from stablediff.training.seeding import step_generator
 
 
-def tensor_to_images(tensor: torch.Tensor) -> np.ndarray:
-    """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8."""
-    return ((tensor.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-
-
 @dataclass
 class VAEReport:
     steps: int
