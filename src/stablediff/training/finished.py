@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from stablediff.checkpoint import CheckpointStore
+from stablediff.models.export_record import exported_step
 
 # Files that a whole export holds (diffusers writes model_index.json; the pixel export has no VAE).
 DIFFUSERS_FILES = ("model_index.json", "unet/diffusion_pytorch_model.safetensors",
@@ -30,7 +31,7 @@ def outputs_up_to_date(step: int, export_dir: Path, final_grid: Path, store_dir:
     """Say that the run is complete; True when its export and final sample grid need no redoing."""
     required = PIXEL_FILES if pixel else DIFFUSERS_FILES
     manifest = store_dir / CheckpointStore.manifest_rel(step)
-    if not export_is_current(export_dir, manifest, required):
+    if not export_is_current(export_dir, manifest, required, step):
         say(f"run already complete at step {step}; exporting again: {stale_reason(export_dir, required)}")
         return False
     if not final_grid.is_file() or final_grid.stat().st_mtime < manifest.stat().st_mtime:
@@ -40,10 +41,14 @@ def outputs_up_to_date(step: int, export_dir: Path, final_grid: Path, store_dir:
     return True
 
 
-def export_is_current(export_dir: Path, manifest: Path, required: tuple[str, ...]) -> bool:
-    """Every required file of the export is there, and none of its files is older than `manifest`."""
+def export_is_current(export_dir: Path, manifest: Path, required: tuple[str, ...], step: int) -> bool:
+    """Every required file of the export is there, and it holds `step`: by its export record (the one
+    `generate RUN_DIR` reads too), or for an export without one, no file older than `manifest`."""
     if not manifest.is_file() or not all((export_dir / name).is_file() for name in required):
         return False
+    recorded = exported_step(export_dir)
+    if recorded is not None:
+        return recorded >= step
     oldest = min(path.stat().st_mtime for path in export_dir.rglob("*") if path.is_file())
     return oldest >= manifest.stat().st_mtime
 
