@@ -29,16 +29,12 @@ def train(config_name: str, run_dir, overrides, fresh: bool, trust_pickle: bool,
 
 
 def _train(config, run_dir, fresh: bool, trust_pickle: bool, allow_config_change: bool) -> None:
-    from stablediff.training.checkpointing import TrainingInterrupted
     from stablediff.training.run import run_training
     from stablediff.training.unet_stage import TrainingDiverged
 
     try:
         result = run_training(config, run_dir, fresh=fresh, trust_pickle=trust_pickle,
                               allow_config_change=allow_config_change)
-    except TrainingInterrupted as stop:
-        click.echo(str(stop), err=True)
-        return
     except TrainingDiverged as exc:
         raise UserError(str(exc)) from None
     if result is None:  # a torchrun rank other than 0: rank 0 reports
