@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be saved or loaded as asked; the message says why and what to do."""
+from stablediff.errors import CheckpointError
 
 
 class PickleRefusedError(CheckpointError):

@@ -6,9 +6,7 @@ import sys
 
 import click
 
-
-class UserError(Exception):
-    """A problem with the user's input or environment, told in one paragraph."""
+from stablediff.errors import UserError
 
 
 # Errors that speak to the user on their own: no traceback unless --debug.

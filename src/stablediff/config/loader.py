@@ -13,12 +13,9 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from stablediff.config.schema import RunConfig
+from stablediff.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs"
-
-
-class ConfigError(ValueError):
-    """The config file or an override is wrong; the message says how."""
 
 
 def resolve_config_path(name: str | Path) -> Path:

@@ -22,6 +22,7 @@ import blake3
 from PIL import Image, UnidentifiedImageError
 
 from stablediff.data.sources.base import RawSample
+from stablediff.errors import DataError
 from stablediff.run_files import cut_torn_tail, read_lines
 
 # Reasons, exact strings: tests, reports and quarantine.jsonl use them.
@@ -75,10 +76,6 @@ class ImageRejected(Exception):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason, self.detail = reason, detail
-
-
-class DataError(ValueError):
-    """The data as a whole cannot be used for training."""
 
 
 class TooManyRejectsError(DataError):
