@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/data_cache.py [--steps 20] [--warmup 3] [--images 500]
 
-Step time (and, apart, the time to produce its inputs) at the demo size (configs/digits.yaml: 32x32 RGB digits, VAE [16, 32, 64],
+Step time (and, apart, the time to produce its inputs) at the demo size (the `digits` recipe: 32x32 RGB digits, VAE [16, 32, 64],
 the demo UNet, batch 64, MiniLM max_length 16), all modes in one process on the same
 batches, timed in interleaved blocks so that machine-load drift hits every mode alike:
 - cached: each step reads its batch's posteriors and caption embeddings through

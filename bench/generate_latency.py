@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/generate_latency.py [--steps 20] [--num 4] [--reps 7] [--sampler dpmpp_2m]
 
-The digits-demo model shape (configs/digits.yaml: 32x32 images, ~7M-parameter UNet,
+The digits-demo model shape (the `digits` recipe: 32x32 images, ~7M-parameter UNet,
 MiniLM text encoder) with random weights, saved as a diffusers folder. Ours is
 `stablediff.load_pipeline(folder).txt2img(...)` — sampler set per call, LoRA
 bookkeeping, A1111 metadata on every image; the baseline is diffusers'

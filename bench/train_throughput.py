@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/train_throughput.py [--blocks 4] [--block-steps 5] [--threads N]
 
-Same model (configs/digits.yaml: VAE [16, 32, 64], UNet [64, 128, 128], MiniLM max_length
+Same model (the `digits` recipe: VAE [16, 32, 64], UNet [64, 128, 128], MiniLM max_length
 16), same data (the built-in digits, 32x32), same batch (64), same machine, one process.
 
 - stablediff: the real `train_unet` loop on features cached once at start (VAE posteriors and

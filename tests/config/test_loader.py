@@ -67,3 +67,19 @@ def test_invalid_yaml_file_is_a_clear_error(tmp_path):
 def test_missing_config_file_is_a_clear_error():
     with pytest.raises(ConfigError, match="not found"):
         load_config("no-such-config.yaml")
+
+
+def test_an_unknown_recipe_name_lists_the_bundled_ones():
+    with pytest.raises(ConfigError, match=r"bundled recipes: digits, sd15, tiny"):
+        load_config("tinny")
+
+
+def test_a_recipe_name_is_found_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert load_config("tiny").train.max_steps == 4
+
+
+def test_a_file_of_the_same_name_wins_over_the_bundled_recipe(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").write_text("train:\n  max_steps: 9\n")
+    assert load_config("tiny").train.max_steps == 9

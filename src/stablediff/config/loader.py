@@ -6,8 +6,9 @@ Errors name the key, the value given and what is allowed, and are raised as
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -15,18 +16,28 @@ from pydantic import BaseModel, ValidationError
 from stablediff.config.schema import RunConfig
 from stablediff.errors import ConfigError
 
-CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs"
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable  # Python 3.11+; only named in annotations
+
+# The bundled recipes ship inside the package, so a wheel finds them from any directory.
+RECIPES = resources.files("stablediff.config") / "recipes"
 
 
-def resolve_config_path(name: str | Path) -> Path:
-    """A path as given, or the name of a bundled recipe (`digits`, `tiny`)."""
+def recipe_names() -> list[str]:
+    """The bundled recipes, by the name `stablediff train NAME` takes."""
+    return sorted(entry.name.removesuffix(".yaml") for entry in RECIPES.iterdir() if entry.name.endswith(".yaml"))
+
+
+def resolve_config_path(name: str | Path) -> Path | Traversable:
+    """A path as given (a user's file wins), or the name of a bundled recipe (`digits`, `tiny`)."""
     path = Path(name)
     if path.is_file():
         return path
-    for candidate in (CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"):
+    for candidate in (RECIPES / str(name), RECIPES / f"{name}.yaml"):
         if candidate.is_file():
             return candidate
-    raise ConfigError(f"config file {str(name)!r} not found (nor a bundled recipe of that name in {CONFIG_DIR})")
+    raise ConfigError(f"config file {str(name)!r} not found, nor a bundled recipe of that name "
+                      f"(bundled recipes: {', '.join(recipe_names())})")
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
