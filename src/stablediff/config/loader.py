@@ -7,17 +7,15 @@ Errors name the key, the value given and what is allowed, and are raised as
 from __future__ import annotations
 
 from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
 from stablediff.config.schema import RunConfig
 from stablediff.errors import ConfigError
-
-if TYPE_CHECKING:
-    from importlib.resources.abc import Traversable  # Python 3.11+; only named in annotations
 
 # The bundled recipes ship inside the package, so a wheel finds them from any directory.
 RECIPES = resources.files("stablediff.config") / "recipes"
