@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from stablediff import run_schema as schema
 from stablediff.checkpoint.lock import has_run_content
 from stablediff.config import RunConfig, dump_config
 from stablediff.data.loading import CaptionedImages, load_training_data
@@ -71,9 +72,9 @@ def commit_run_files(config: RunConfig, run_dir: Path, resume, check: ResumeChec
     if resume is None:  # no checkpoint: the run starts over, and so does its log
         metrics.rewind(None, None)
     else:
-        stage = resume.meta.get("stage", train_state.UNET_STAGE)
+        stage = schema.stage_of(resume.meta)
         # A stage-1 checkpoint is manifest step 0; the autoencoder's own step is in its meta.
-        step = resume.meta.get("vae_step", resume.step) if stage == train_state.VAE_STAGE else resume.step
+        step = resume.meta.get("vae_step", resume.step) if stage == schema.VAE_STAGE else resume.step
         metrics.rewind(stage, step)
     write_run_config(run_dir, dump_config(config), resume.step if resume else 0, keep_previous=resume is not None)
     if check is not None:
