@@ -79,7 +79,7 @@ def test_diffusers_pipeline_from_our_file_gives_our_image(pipe, exported):
 
 
 def test_diffusers_folder_to_single_file_and_back_is_identical(exported, tmp_path):
-    from stablediff.inference.pipeline import load_pipeline_folder
+    from stablediff.models.pipeline_assembly import load_pipeline_folder
 
     path, folder = exported
     once = save_single_file(load_pipeline_folder(folder), tmp_path / "once.safetensors")

@@ -127,7 +127,7 @@ def convert(source: Path, out: Path, force: bool, tokenizer: Path | None, trust_
         if not to_file:
             raise UserError(f"{source} is a folder, so the output must be a single file: name it "
                             f"{out.with_suffix('.safetensors').name}")
-        from stablediff.inference.pipeline import load_pipeline_folder
+        from stablediff.models.pipeline_assembly import load_pipeline_folder
 
         save_single_file(load_pipeline_folder(source, trust_pickle), out)
     elif to_file:

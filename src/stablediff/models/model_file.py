@@ -39,7 +39,7 @@ def read_model(path: Path, trust_pickle: bool = False) -> tuple[dict[str, torch.
     """(original-layout state dict, metadata) of a single file or a diffusers pipeline folder."""
     path = Path(path)
     if path.is_dir():
-        from stablediff.inference.pipeline import load_pipeline_folder
+        from stablediff.models.pipeline_assembly import load_pipeline_folder
         from stablediff.models.single_file import pipeline_state
 
         return pipeline_state(load_pipeline_folder(path, trust_pickle))

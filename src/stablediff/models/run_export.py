@@ -72,7 +72,7 @@ def pipeline_from_run(run_dir: Path, step: int | None = None, best: bool = False
 
 def pipeline_from_checkpoint(loaded: LoadedCheckpoint, ema: bool, trust_pickle: bool, source: str):
     from stablediff.config import RunConfig
-    from stablediff.inference.pipeline import assemble_pipeline
+    from stablediff.models.pipeline_assembly import assemble_pipeline
     from stablediff.models.build import build_noise_scheduler, build_unet, build_vae, vae_downscale
     from stablediff.models.single_file import load_weights
     from stablediff.models.text_encoder import load_text_encoder

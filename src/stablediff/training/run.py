@@ -120,7 +120,7 @@ class Stage2:
 
     def pipeline(self):
         """A diffusers pipeline around the EMA weights (latent models only)."""
-        from stablediff.inference.pipeline import assemble_pipeline  # heavy; not needed to resume training
+        from stablediff.models.pipeline_assembly import assemble_pipeline  # heavy; not needed to resume training
 
         pipe = assemble_pipeline(self.vae, self.text_encoder.model, self.text_encoder.tokenizer,
                                  self.state.ema.model, dict(self.noise_scheduler.config))
