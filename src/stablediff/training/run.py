@@ -295,14 +295,3 @@ def export_and_sample(config: RunConfig, run_dir: Path, stage: Stage2) -> RunRes
     STOP.check("before the final samples", f"{kept} and exported to {export_dir}")
     write_samples(stage, config, final_grid)
     return result
-
-
-def write_sample_grid(pipe, config: RunConfig, path: Path) -> list:
-    """One row per configured prompt, `per_prompt` seeds each; returns the rows."""
-    from stablediff.inference.pipeline import image_grid, txt2img
-
-    rows = [txt2img(pipe, prompt, steps=config.sample.steps, guidance_scale=config.sample.guidance_scale,
-                    seed=config.sample.seed, num=config.sample.per_prompt) for prompt in config.sample.prompts]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(rows).save(path)
-    return rows
