@@ -29,7 +29,7 @@ PROMPT = "a handwritten digit seven"
 
 def build_digits_folder(folder: Path) -> Path:
     from stablediff.config import load_config
-    from stablediff.inference.pipeline import assemble_pipeline
+    from stablediff.models.pipeline_assembly import assemble_pipeline
     from stablediff.models.build import build_noise_scheduler, build_unet, build_vae, vae_downscale
     from stablediff.models.text_encoder import load_text_encoder
 

@@ -1,6 +1,6 @@
 """stablediff: Stable Diffusion training, fine-tuning and inference that never loses work."""
 
-__version__ = "0.1.0"
+from stablediff.version import __version__
 
 # The inference API imports torch and diffusers; `import stablediff` stays light and loads it on first use.
 _LAZY = {"load_pipeline": "stablediff.inference.api", "save_png": "stablediff.inference.api",

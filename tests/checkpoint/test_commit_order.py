@@ -2,7 +2,7 @@
 
 A SIGKILL campaign cannot see a missing fsync (the page cache survives a killed
 process; only a power loss drops it), so this test records the calls the store
-makes into checkpoint/_fs.py and asserts DESIGN.md's invariant 1: every chunk is
+makes into stablediff/io/atomic.py and asserts DESIGN.md's invariant 1: every chunk is
 fsynced, renamed and its directory fsynced before the manifest's temp file is
 created; the manifest is then fsynced, renamed and its directory fsynced, last.
 """
@@ -14,7 +14,8 @@ import os
 import numpy as np
 import pytest
 
-from stablediff.checkpoint import AsyncCheckpointer, _fs
+from stablediff.checkpoint import AsyncCheckpointer
+from stablediff.io import atomic
 
 STEP = 7
 
@@ -32,12 +33,12 @@ def events(monkeypatch, store):
             log.append((name, record(*args)))
             return real(*args)
 
-        monkeypatch.setattr(_fs, name, wrapper)
+        monkeypatch.setattr(atomic, name, wrapper)
 
-    spy("_create", _fs._create, lambda path: rel(path))
-    spy("_fsync_file", _fs._fsync_file, lambda fd, path: rel(path))
-    spy("_rename", _fs._rename, lambda src, dst: f"{rel(src)} -> {rel(dst)}")
-    spy("_fsync_dir", _fs._fsync_dir, lambda path: rel(path))
+    spy("_create", atomic._create, lambda path: rel(path))
+    spy("_fsync_file", atomic._fsync_file, lambda fd, path: rel(path))
+    spy("_rename", atomic._rename, lambda src, dst: f"{rel(src)} -> {rel(dst)}")
+    spy("_fsync_dir", atomic._fsync_dir, lambda path: rel(path))
     return log
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from stablediff.evaluation.val_loss import validation_loss
-from stablediff.training.objectives import make_noise_scheduler
+from stablediff.models.diffusion import make_noise_scheduler
 from tests.tiny_models import tiny_unet
 
 

@@ -17,7 +17,7 @@ TINY_SIZE = 16  # pixels; latents are 8x8
 def build_tiny_pipeline_folder(folder: Path) -> Path:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-    from stablediff.inference.pipeline import assemble_pipeline
+    from stablediff.models.pipeline_assembly import assemble_pipeline
     from stablediff.models.text_encoder import load_text_encoder
 
     torch.manual_seed(0)

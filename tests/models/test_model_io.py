@@ -6,7 +6,7 @@ import pickle
 
 import pytest
 
-from stablediff.checkpoint import PickleRefusedError
+from stablediff.io.pickle_guard import PickleRefusedError
 from stablediff.models.model_io import read_model_file
 
 

@@ -132,7 +132,7 @@ def test_info_of_a_foreign_file_infers_and_flags_non_sd_files(models, tmp_path):
 
 
 def test_a_pickle_named_safetensors_is_described_as_a_pickle_by_info_as_by_reading(tmp_path):
-    from stablediff.checkpoint.errors import PickleRefusedError
+    from stablediff.io.pickle_guard import PickleRefusedError
 
     path = tmp_path / "renamed.safetensors"
     torch.save({"state_dict": {"model.diffusion_model.out.2.bias": torch.zeros(4)}}, path)

@@ -8,7 +8,7 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionInpaintPipeline, StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
-from stablediff.checkpoint.errors import PickleRefusedError
+from stablediff.io.pickle_guard import PickleRefusedError
 from stablediff.models.single_file import load_single_file_pipeline, save_single_file
 from tests.models.tiny_sd import (assert_same_tensors, image, state_dicts, tiny_clip_pipeline, tiny_pipeline,
                                   tiny_unet, tiny_vae)
@@ -79,7 +79,7 @@ def test_diffusers_pipeline_from_our_file_gives_our_image(pipe, exported):
 
 
 def test_diffusers_folder_to_single_file_and_back_is_identical(exported, tmp_path):
-    from stablediff.inference.pipeline import load_pipeline_folder
+    from stablediff.models.pipeline_assembly import load_pipeline_folder
 
     path, folder = exported
     once = save_single_file(load_pipeline_folder(folder), tmp_path / "once.safetensors")

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
-from stablediff.inference.pipeline import assemble_pipeline
+from stablediff.models.pipeline_assembly import assemble_pipeline
 from stablediff.models.text_encoder import load_text_encoder
 
 SD_DDPM = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",

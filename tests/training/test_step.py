@@ -10,7 +10,7 @@ import torch
 
 from stablediff.config.schema import TrainConfig
 from stablediff.training.guard import DivergenceGuard
-from stablediff.training.objectives import make_noise_scheduler
+from stablediff.models.diffusion import make_noise_scheduler
 from stablediff.training.precision import Precision
 from stablediff.training.step import StepBatch, accumulate_gradients, draw_noise
 from stablediff.training.unet_stage import UNetTrainState, make_train_state, optimizer_step

@@ -7,7 +7,8 @@ import torch
 from stablediff.config import load_config
 from stablediff.models.build import build_noise_scheduler, build_unet
 from stablediff.training.ema import EMA, ema_decay_at
-from stablediff.training.objectives import diffusion_loss, training_target
+from stablediff.models.diffusion import training_target
+from stablediff.training.objectives import diffusion_loss
 
 
 def tiny_unet():

@@ -7,10 +7,9 @@
     loaded = store.load()                                    # newest that verifies
 """
 
-from .errors import CheckpointError, ChunkError, ManifestError, PickleRefusedError
+from .errors import CheckpointError, ChunkError, ManifestError
 from .loading import LoadedCheckpoint, Recovery, SkippedCheckpoint
 from .manifest import Manifest, ManifestSummary, TensorEntry
-from .pickle_guard import refuse_pickle
 from .replicate import RepairReport, SyncReport, repair, sync
 from .retention import DEFAULT_GC_GRACE_S, GcReport, RetentionPolicy, RetentionReport, gc, select_to_delete
 from .store import DEFAULT_CHUNK_BYTES, CheckpointStore
@@ -30,7 +29,6 @@ __all__ = [
     "Manifest",
     "ManifestError",
     "ManifestSummary",
-    "PickleRefusedError",
     "Recovery",
     "RepairReport",
     "RetentionPolicy",
@@ -41,7 +39,6 @@ __all__ = [
     "TensorEntry",
     "VerifyReport",
     "gc",
-    "refuse_pickle",
     "repair",
     "select_to_delete",
     "sync",

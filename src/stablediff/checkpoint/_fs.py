@@ -1,9 +1,9 @@
 """Durable file primitives for a checkpoint store: local disk or any fsspec filesystem.
 
 The store talks to one small interface (`StoreFS`). On a local disk it uses
-`os` directly so that it can fsync files *and directories* — fsspec has no
-directory fsync, and without it a renamed file can vanish after a power loss.
-On other filesystems it writes a temporary object and moves it into place,
+`stablediff.io.atomic` (the one durable-write implementation) so that it can
+fsync files *and directories* — fsspec has no directory fsync, and without it
+a renamed file can vanish after a power loss. On other filesystems it writes a temporary object and moves it into place,
 which is as much as fsspec allows (object stores make a PUT atomic anyway).
 """
 
@@ -14,23 +14,13 @@ import errno
 import math
 import os
 import posixpath
-import uuid
 from typing import Iterator
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-# A temporary file is `<final name>.tmp-<pid>-<random>`; readers skip any name
-# containing this marker, and `gc` removes the ones a crash left behind.
-TEMP_MARKER = ".tmp-"
-
-
-def temp_name(final: str) -> str:
-    return f"{final}{TEMP_MARKER}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-def is_temp(name: str) -> bool:
-    return TEMP_MARKER in name
+from stablediff.io import atomic
+from stablediff.io.atomic import temp_name
 
 
 class StoreFS(abc.ABC):
@@ -79,53 +69,17 @@ class LocalFS(StoreFS):
     def __init__(self, root: str):
         self.root = os.path.abspath(root)
         self.location = self.root
-        self._made_dirs: set[str] = set()
 
     def _abs(self, rel: str) -> str:
         return os.path.join(self.root, *rel.split("/")) if rel else self.root
 
-    def _ensure_dir(self, rel_dir: str) -> None:
-        if rel_dir in self._made_dirs:
-            return
-        path = self._abs(rel_dir)
-        if not os.path.isdir(path):
-            parent = posixpath.dirname(rel_dir)
-            if rel_dir:
-                self._ensure_dir(parent)
-            os.makedirs(path, exist_ok=True)
-            # The new directory's own entry lives in its parent: make it durable.
-            _fsync_dir(self._abs(parent) if rel_dir else os.path.dirname(self.root))
-        self._made_dirs.add(rel_dir)
-
     def write_atomic(self, rel: str, data: memoryview | bytes, *, sync_dir: bool = True) -> None:
-        rel_dir = posixpath.dirname(rel)
-        self._ensure_dir(rel_dir)
-        final = self._abs(rel)
-        tmp = temp_name(final)
-        try:
-            fd = _create(tmp)
-        except FileNotFoundError:  # directory removed behind our back: recreate once
-            self._made_dirs.clear()
-            self._ensure_dir(rel_dir)
-            fd = _create(tmp)
-        try:
-            view = memoryview(data).cast("B")
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            _fsync_file(fd, tmp)
-        except BaseException:
-            os.close(fd)
-            _remove_quietly(tmp)
-            raise
-        os.close(fd)
-        _rename(tmp, final)
-        if sync_dir:
-            _fsync_dir(self._abs(rel_dir))
+        # One stat per write: a directory removed behind our back is simply made again.
+        atomic.make_dirs(self._abs(posixpath.dirname(rel)))
+        atomic.write_atomic(self._abs(rel), data, sync_dir=sync_dir)
 
     def sync_dirs(self, rels: set[str]) -> None:
-        for rel_dir in sorted(rels):
-            _fsync_dir(self._abs(rel_dir))
+        atomic.fsync_dirs({self._abs(rel_dir) for rel_dir in rels})
 
     def read_into(self, rel: str, out: memoryview) -> int:
         with open(self._abs(rel), "rb", buffering=0) as f:
@@ -167,7 +121,7 @@ class LocalFS(StoreFS):
                 yield f"{rel_base}/{name}", st.st_size, st.st_mtime
 
     def remove(self, rel: str) -> None:
-        _remove_quietly(self._abs(rel))
+        atomic.remove_quietly(self._abs(rel))
 
     def touch(self, rel: str) -> bool:
         try:
@@ -276,37 +230,3 @@ def _mtime(fs: fsspec.AbstractFileSystem, path: str, info: dict) -> float:
         # Unknown age counts as young: gc must never collect a chunk that a save in
         # flight may have just reused. Only gc's grace period reads this.
         return math.inf
-
-
-# The steps of a commit, as named functions so that a test can record their order
-# (tests/checkpoint/test_commit_order.py).
-def _create(path: str) -> int:
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-
-
-def _fsync_file(fd: int, path: str) -> None:
-    os.fsync(fd)
-
-
-def _rename(src: str, dst: str) -> None:
-    os.replace(src, dst)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_path(path: str | os.PathLike) -> None:
-    """fsync a file or a directory by its path: what writers outside the store (exports) make durable."""
-    _fsync_dir(os.fspath(path))
-
-
-def _remove_quietly(path: str) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass

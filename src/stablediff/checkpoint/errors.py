@@ -5,10 +5,6 @@ from __future__ import annotations
 from stablediff.errors import CheckpointError
 
 
-class PickleRefusedError(CheckpointError):
-    """A pickle-based file was given without --trust-pickle."""
-
-
 class ManifestError(CheckpointError):
     """A manifest is unreadable, truncated or fails its checksum."""
 

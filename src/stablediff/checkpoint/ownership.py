@@ -23,7 +23,9 @@ import uuid
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
-from ._fs import LocalFS, temp_name
+from stablediff.io.atomic import temp_name
+
+from ._fs import LocalFS
 from .errors import CheckpointError
 
 if TYPE_CHECKING:

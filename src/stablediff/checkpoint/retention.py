@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, Literal
 
+from stablediff.run_schema import BEST_METRIC
+
 from .errors import CheckpointError, ManifestError
 from .lineage import abandoned_chunk_refs, rollback_targets
 from .manifest import ManifestSummary
@@ -34,7 +36,7 @@ class RetentionPolicy:
 
     keep_last: int = 3
     keep_best: int = 0
-    best_metric: str | None = "val_loss"
+    best_metric: str | None = BEST_METRIC
     best_mode: Literal["min", "max"] = "min"
     keep_every: int | None = None
     rollback_window: int | None = None  # the divergence guard's window (guard.within_steps): see rollback_keeps

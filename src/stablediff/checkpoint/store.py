@@ -23,8 +23,10 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 import blake3
 import fsspec
 
+from stablediff.io.atomic import is_temp
+
 from ._codec import tensor_bytes
-from ._fs import is_temp, open_store_fs
+from ._fs import open_store_fs
 from .dedup import ChunkCounts, ChunkPlacer
 from .errors import CheckpointError, ChunkError, ManifestError
 from .manifest import Manifest, ManifestSummary, TensorEntry, build_manifest, parse_manifest

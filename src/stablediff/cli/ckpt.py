@@ -18,6 +18,7 @@ from stablediff.cli import ckpt_models
 from stablediff.cli.errors import UserError
 from stablediff.cli.locking import store_locked
 from stablediff.cli.options import trust_pickle_option
+from stablediff.run_schema import BULKY_META, group_of
 
 
 def human_bytes(n: int) -> str:
@@ -116,10 +117,10 @@ def info(target: str, step: int | None, trust_pickle: bool) -> None:
     manifest = store.read_manifest(step if step is not None else steps[-1])
     groups: dict[str, list[int]] = {}
     for name, entry in manifest.tensors.items():
-        g = groups.setdefault(name.split("/")[0], [0, 0])
+        g = groups.setdefault(group_of(name), [0, 0])
         g[0] += 1
         g[1] += entry.nbytes
-    meta = {k: v for k, v in manifest.meta.items() if k not in ("config", "rng", "optimizer_param_groups")}
+    meta = {k: v for k, v in manifest.meta.items() if k not in BULKY_META}
     click.echo(json.dumps({"step": manifest.step, "time": manifest.time, "bytes_total": manifest.bytes_total,
                            "bytes_new": manifest.bytes_new, "metrics": manifest.metrics,
                            "tensors": {g: {"count": c, "bytes": b} for g, (c, b) in groups.items()},

@@ -14,8 +14,7 @@ import click
 
 from stablediff.cli.errors import UserError
 from stablediff.cli.options import trust_pickle_option
-
-MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+from stablediff.io.pickle_guard import MODEL_FILE_SUFFIXES
 
 out_option = click.option("--out", type=click.Path(path_type=Path), required=True,
                           help="Output: NAME.safetensors for a single file, any other path for a diffusers folder.")
@@ -29,7 +28,7 @@ def is_model_target(target: str) -> bool:
     from stablediff.models.model_file import is_diffusers_folder  # torch: only when the command runs
 
     path = Path(target)
-    return (path.is_file() and path.suffix.lower() in MODEL_SUFFIXES) or is_diffusers_folder(path)
+    return (path.is_file() and path.suffix.lower() in MODEL_FILE_SUFFIXES) or is_diffusers_folder(path)
 
 
 def check_out(out: Path, force: bool) -> None:
@@ -128,14 +127,14 @@ def convert(source: Path, out: Path, force: bool, tokenizer: Path | None, trust_
         if not to_file:
             raise UserError(f"{source} is a folder, so the output must be a single file: name it "
                             f"{out.with_suffix('.safetensors').name}")
-        from stablediff.inference.pipeline import load_pipeline_folder
+        from stablediff.models.pipeline_assembly import load_pipeline_folder
 
         save_single_file(load_pipeline_folder(source, trust_pickle), out)
     elif to_file:
         state, metadata = read_model_file(source, trust_pickle)
         write_safetensors(state, metadata, out)
     else:
-        if out.suffix.lower() in MODEL_SUFFIXES:
+        if out.suffix.lower() in MODEL_FILE_SUFFIXES:
             raise UserError(f"{out}: stablediff writes safetensors or diffusers folders, never pickles; "
                             "name the output .safetensors or give a folder name")
         save_pipeline_folder(load_single_file_pipeline(source, trust_pickle, tokenizer=tokenizer), out, force)

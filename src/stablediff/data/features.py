@@ -40,7 +40,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from stablediff.checkpoint._fs import LocalFS, is_temp
+from stablediff.io.atomic import is_temp, replace_atomic
 
 try:  # POSIX; elsewhere writers are not serialised (one writer per namespace, as documented)
     import fcntl
@@ -98,7 +98,7 @@ def _path_component(text: str) -> str:
 
 def _atomic_write(path: Path, data: bytes) -> None:
     """The checkpoint store's commit: temp name, fsync, rename, fsync the directory."""
-    LocalFS(str(path.parent)).write_atomic(path.name, data)
+    replace_atomic(path, data)
 
 
 @contextmanager

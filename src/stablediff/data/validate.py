@@ -23,7 +23,7 @@ from PIL import Image, UnidentifiedImageError
 
 from stablediff.data.sources.base import RawSample
 from stablediff.errors import DataError
-from stablediff.run_files import cut_torn_tail, read_lines
+from stablediff.io.run_files import cut_torn_tail, read_lines
 
 # Reasons, exact strings: tests, reports and quarantine.jsonl use them.
 IMAGE_REASONS = ("zero_bytes", "undecodable", "truncated", "decompression_bomb", "too_small",

@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 from diffusers import DDPMScheduler
 
-from stablediff.training.objectives import check_timesteps, evenly_spaced_timesteps, per_sample_loss
+from stablediff.models.diffusion import check_timesteps, evenly_spaced_timesteps, per_sample_loss
 
 DEFAULT_TIMESTEPS = (100, 300, 500, 700, 900)
 

@@ -65,7 +65,7 @@ def lora_file(path: Path) -> Path:
 def read_lora(path: Path) -> dict:
     from safetensors.torch import load_file
 
-    from stablediff.checkpoint.pickle_guard import sniff_format
+    from stablediff.io.pickle_guard import sniff_format
 
     with open(path, "rb") as f:
         kind = sniff_format(f.read(16))

@@ -1,4 +1,4 @@
-"""Build, load and run diffusers' Stable Diffusion pipelines around our components.
+"""Run diffusers' Stable Diffusion pipelines (built and loaded by models/pipeline_assembly.py).
 
 Seeds follow the A1111 convention: image i of a call with seed S is drawn
 from a CPU generator seeded with S + i, so any single image can be re-created
@@ -14,53 +14,11 @@ outside the mask are replaced by the input's latents noised to that step.
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import (DPMSolverMultistepScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline,
-                       StableDiffusionPipeline)
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
 from PIL import Image
-
-from stablediff.models.weights_guard import check_model_folder
-
-
-def default_scheduler(training_scheduler_config: dict) -> DPMSolverMultistepScheduler:
-    """DPM-Solver++ (2M), the fast sampler most users expect by default."""
-    return DPMSolverMultistepScheduler.from_config(training_scheduler_config, algorithm_type="dpmsolver++")
-
-
-def assemble_pipeline(vae, text_encoder, tokenizer, unet, training_scheduler_config: dict) -> StableDiffusionPipeline:
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=default_scheduler(training_scheduler_config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def load_pipeline_folder(path: str | Path, trust_pickle: bool = False) -> StableDiffusionPipeline:
-    folder = Path(path).expanduser()
-    if not (folder / "model_index.json").is_file():
-        raise FileNotFoundError(
-            f"{folder} is not a diffusers pipeline folder (no model_index.json). Give the folder that "
-            "`stablediff demo` or `stablediff ckpt export --format diffusers` wrote, e.g. RUN_DIR/export/diffusers."
-        )
-    check_model_folder(folder, trust_pickle)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as hf_logging
-
-    # Quiet: loading bars, and "expected CLIPTextModel" for our BERT text encoder, are noise to a user.
-    for logging in (hf_logging, diffusers_logging):
-        logging.set_verbosity_error()
-        logging.disable_progress_bar()
-    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None,
-                                                   requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def model_default_size(pipe) -> tuple[int, int]:

@@ -114,7 +114,7 @@ def _folder_name(folder: Path) -> str:
 def load_source(source: ModelSource, trust_pickle: bool = False):
     """A StableDiffusionPipeline, built by the loader for the source's kind (imported only when needed)."""
     if source.kind == "folder":
-        from stablediff.inference.pipeline import load_pipeline_folder
+        from stablediff.models.pipeline_assembly import load_pipeline_folder
 
         pipe = load_pipeline_folder(source.path, trust_pickle)
     elif source.kind == "single_file":

@@ -1,6 +1,6 @@
 """Model outputs that appear whole or not at all: single files and diffusers folders.
 
-- A single file is committed by the checkpoint store's `LocalFS.write_atomic`
+- A single file is committed by `stablediff.io.atomic.replace_atomic`
   (temp name, fsync, rename, directory fsync): the one durable-write routine.
 - A folder is written into a temp sibling (`NAME.tmp-PID-RANDOM`, the store's
   temp naming), every file and directory in it is fsynced, and it is renamed
@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from stablediff.checkpoint._fs import TEMP_MARKER, LocalFS, fsync_path, temp_name
+from stablediff.io.atomic import TEMP_MARKER, fsync_path, replace_atomic, temp_name
 from stablediff.models.export_record import write_record
 
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
@@ -76,7 +76,7 @@ def write_file(out: Path, data: bytes | memoryview) -> Path:
     clean_leftovers(out)
     existed = out.exists()
     try:
-        LocalFS(str(out.parent)).write_atomic(out.name, data)
+        replace_atomic(out, data)
     except OSError as exc:
         raise write_error(out, exc, existed) from None
     return out

@@ -9,6 +9,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
 from stablediff.config.schema import NoiseConfig, UNetConfig, VAEConfig
+from stablediff.models.diffusion import make_noise_scheduler
 from stablediff.models.weights_guard import check_model_folder
 
 
@@ -75,9 +76,7 @@ def read_unet_config(path: str) -> dict:
 
 
 def build_noise_scheduler(cfg: NoiseConfig, prediction_type: str) -> DDPMScheduler:
-    """The config's training noise schedule; the rules live in training.objectives (one place)."""
-    from stablediff.training.objectives import make_noise_scheduler
-
+    """The config's training noise schedule; the rules live in models/diffusion.py (one place)."""
     return make_noise_scheduler(cfg.num_train_timesteps, cfg.beta_schedule, cfg.beta_start, cfg.beta_end,
                                 prediction_type, cfg.rescale_zero_terminal_snr)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from stablediff.checkpoint.pickle_guard import refuse_pickle
+from stablediff.io.pickle_guard import PICKLE_MODEL_SUFFIXES, refuse_pickle
 from stablediff.models import architecture
 from stablediff.models.keymap import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
 from stablediff.models.file_hash import file_hashes
@@ -39,7 +39,7 @@ def read_model(path: Path, trust_pickle: bool = False) -> tuple[dict[str, torch.
     """(original-layout state dict, metadata) of a single file or a diffusers pipeline folder."""
     path = Path(path)
     if path.is_dir():
-        from stablediff.inference.pipeline import load_pipeline_folder
+        from stablediff.models.pipeline_assembly import load_pipeline_folder
         from stablediff.models.single_file import pipeline_state
 
         return pipeline_state(load_pipeline_folder(path, trust_pickle))
@@ -56,7 +56,7 @@ def write_model(state: dict[str, torch.Tensor], metadata: dict[str, str], out: P
     out = Path(out)
     if out.suffix.lower() == ".safetensors":
         return write_safetensors(state, metadata, out)
-    if out.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
+    if out.suffix.lower() in PICKLE_MODEL_SUFFIXES:
         raise ValueError(f"{out}: stablediff writes only safetensors (no pickles); name the output .safetensors "
                          "for a single file, or a folder name for a diffusers pipeline")
     return save_pipeline_folder(pipeline_from_state(state, metadata, source), out, replace)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from stablediff.checkpoint.pickle_guard import refuse_pickle
+from stablediff.io.pickle_guard import refuse_pickle
 
 META = "stablediff."  # prefix of the metadata entries our exports add (configs, tokenizer, recipe)
 _HEADER_LIMIT = 100 * 1024 * 1024  # the safetensors format's own bound on the JSON header

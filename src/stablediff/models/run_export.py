@@ -14,11 +14,12 @@ from pathlib import Path
 
 import torch
 
+from stablediff import run_schema as schema
 from stablediff.checkpoint import CheckpointStore, LoadedCheckpoint, RetentionPolicy
 from stablediff.checkpoint.retention import best_steps
+from stablediff.run_schema import BEST_METRIC
 
 LORA_METADATA_KEY = "lora_adapter_metadata"  # where diffusers' save_lora_weights keeps the LoraConfig
-BEST_METRIC = "val_loss"  # the metric the run's retention keeps the best checkpoint by (training/checkpointing.py)
 
 
 def open_run_store(run_dir: Path) -> tuple[CheckpointStore, list[CheckpointStore]]:
@@ -50,15 +51,15 @@ def choose_step(store: CheckpointStore, step: int | None, best: bool) -> int | N
 def load_run_checkpoint(run_dir: Path, step: int | None = None, best: bool = False) -> LoadedCheckpoint:
     store, replicas = open_run_store(run_dir)
     loaded = store.load(choose_step(store, step, best), fallbacks=replicas)
-    if loaded.meta.get("stage") != "unet" or "config" not in loaded.meta:
+    if loaded.meta.get(schema.STAGE) != schema.UNET_STAGE or schema.CONFIG not in loaded.meta:
         raise ValueError(f"checkpoint step {loaded.step} of {run_dir} is not a text-to-image UNet checkpoint "
-                         f"(stage {loaded.meta.get('stage')!r}); it cannot be exported as a pipeline")
+                         f"(stage {loaded.meta.get(schema.STAGE)!r}); it cannot be exported as a pipeline")
     return loaded
 
 
 def lora_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The LoRA adapter tensors of a checkpoint's UNet (peft names contain `lora_`)."""
-    return {name[len("unet/"):]: t for name, t in tensors.items() if name.startswith("unet/") and "lora_" in name}
+    return {name: t for name, t in schema.unprefixed(schema.UNET, tensors).items() if "lora_" in name}
 
 
 def pipeline_from_run(run_dir: Path, step: int | None = None, best: bool = False, ema: bool = True,
@@ -71,7 +72,7 @@ def pipeline_from_run(run_dir: Path, step: int | None = None, best: bool = False
 
 def pipeline_from_checkpoint(loaded: LoadedCheckpoint, ema: bool, trust_pickle: bool, source: str):
     from stablediff.config import RunConfig
-    from stablediff.inference.pipeline import assemble_pipeline
+    from stablediff.models.pipeline_assembly import assemble_pipeline
     from stablediff.models.build import build_noise_scheduler, build_unet, build_vae, vae_downscale
     from stablediff.models.single_file import load_weights
     from stablediff.models.text_encoder import load_text_encoder
@@ -79,17 +80,17 @@ def pipeline_from_checkpoint(loaded: LoadedCheckpoint, ema: bool, trust_pickle: 
     if lora_tensors(loaded.tensors):
         raise ValueError(f"{source} holds LoRA adapters; export them with `stablediff ckpt export --format lora` "
                          "and apply them to the base model they were trained on")
-    config = RunConfig.model_validate(loaded.meta["config"])
+    config = RunConfig.model_validate(loaded.meta[schema.CONFIG])
     if not getattr(config.vae, "enabled", True):
         raise ValueError(f"{source} is a pixel-space model (no VAE), which is not a Stable Diffusion pipeline; "
                          "use its export/pixel folder (UNet and scheduler) instead")
     text_encoder = load_text_encoder(config.text_encoder.name, config.text_encoder.max_length, trust_pickle)
     vae = build_vae(config.vae, config.data.resolution, trust_pickle)
-    load_weights(vae, _group(loaded.tensors, "vae"), "VAE", source)
-    vae.register_to_config(scaling_factor=loaded.meta["vae_scaling_factor"])
+    load_weights(vae, schema.unprefixed(schema.VAE, loaded.tensors), "VAE", source)
+    vae.register_to_config(scaling_factor=loaded.meta[schema.VAE_SCALING_FACTOR])
     latent_size = config.data.resolution // vae_downscale(vae)
     unet = build_unet(config.unet, vae.config.latent_channels, latent_size, text_encoder.hidden_size)
-    weights = _group(loaded.tensors, "ema" if ema else "unet")
+    weights = schema.unprefixed(schema.EMA if ema else schema.UNET, loaded.tensors)
     if not weights:
         raise ValueError(f"{source} has no {'EMA' if ema else 'raw UNet'} weights; try "
                          f"{'--no-ema' if ema else '--ema'}")
@@ -110,13 +111,8 @@ def save_lora(loaded: LoadedCheckpoint, out: Path, source: str) -> Path:
     # peft names the adapter inside the model (`.lora_A.default.weight`); LoRA files leave it out.
     tensors = {"unet." + name.replace(".default.", "."): t for name, t in lora.items()}
     metadata = {"stablediff.step": str(loaded.step)}
-    config = loaded.meta.get("lora_config")  # the peft LoraConfig as a dict: rank, alpha, target modules
+    config = loaded.meta.get(schema.LORA_CONFIG)  # the peft LoraConfig as a dict: rank, alpha, target modules
     if config:  # diffusers reads the scale (alpha / r) from here; without it, it assumes alpha = r
         metadata[LORA_METADATA_KEY] = json.dumps({f"unet.{k}": sorted(v) if isinstance(v, (set, tuple)) else v
                                                   for k, v in config.items()}, default=str)
     return write_safetensors(tensors, metadata, Path(out))
-
-
-def _group(tensors: dict[str, torch.Tensor], group: str) -> dict[str, torch.Tensor]:
-    start = len(group) + 1
-    return {name[start:]: t for name, t in tensors.items() if name.startswith(group + "/")}

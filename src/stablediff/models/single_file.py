@@ -72,7 +72,7 @@ def pipeline_from_state(state: dict[str, torch.Tensor], metadata: dict[str, str]
 def scheduler_from_metadata(metadata: dict[str, str]):
     import diffusers
 
-    from stablediff.inference.pipeline import default_scheduler
+    from stablediff.models.pipeline_assembly import default_scheduler
 
     stored = json.loads(metadata.get(META + "scheduler", "null"))
     if not stored:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stablediff.checkpoint.pickle_guard import PICKLE_SUFFIXES, refuse_pickle
+from stablediff.io.pickle_guard import PICKLE_SUFFIXES, refuse_pickle
 
 
 def check_model_folder(folder: Path, trust_pickle: bool) -> None:

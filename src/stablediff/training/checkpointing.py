@@ -18,6 +18,7 @@ from typing import Callable
 from stablediff.checkpoint import AsyncCheckpointer, CheckpointError, CheckpointStore, LoadedCheckpoint, RetentionPolicy
 from stablediff.checkpoint import lineage
 from stablediff.config.schema import CheckpointConfig
+from stablediff.run_schema import BEST_METRIC
 from stablediff.training import distributed
 from stablediff.training import state as train_state
 from stablediff.training.distributed import DistInfo
@@ -79,7 +80,7 @@ class RunCheckpointer:
                  rollback_window: int | None = None) -> None:
         """`rollback_window`: the divergence guard's guard.within_steps (None without a guard):
         retention keeps a checkpoint older than it, so a rollback always has a target."""
-        retention = RetentionPolicy(keep_last=cfg.keep_last, keep_best=cfg.keep_best, best_metric="val_loss",
+        retention = RetentionPolicy(keep_last=cfg.keep_last, keep_best=cfg.keep_best, best_metric=BEST_METRIC,
                                     keep_every=cfg.keep_every, rollback_window=rollback_window)
         self.primary, self.replicas = primary, replicas
         self.writer = AsyncCheckpointer(primary, replicas, retention, log=say) if dist_info.is_main else None

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from stablediff.checkpoint import CheckpointStore
+from stablediff.run_schema import UNET_STAGE, stage_of
 from stablediff.models.export_record import exported_step
 
 # Files that a whole export holds (diffusers writes model_index.json; the pixel export has no VAE).
@@ -21,7 +22,7 @@ PIXEL_FILES = ("unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_
 
 def completed_step(resume, max_steps: int) -> int | None:
     """The step of a resumed stage-2 checkpoint that already reached `max_steps`, else None."""
-    if resume is None or resume.meta.get("stage", "unet") != "unet" or resume.step < max_steps:
+    if resume is None or stage_of(resume.meta) != UNET_STAGE or resume.step < max_steps:
         return None
     return resume.step
 

@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from stablediff.run_files import cut_torn_tail, read_lines, replace_atomic
+from stablediff.io.atomic import replace_atomic
+from stablediff.io.run_files import cut_torn_tail, read_lines
 
 # Stages in the order a run does them; a record without "stage" (an event) belongs to stage 2.
 STAGE_ORDER = {"vae": 0, "unet": 1}

@@ -1,5 +1,6 @@
-"""Diffusion training objectives as pure functions: noise schedules, targets, loss weights,
-offset noise, timestep sampling, and the loss of one step.
+"""Diffusion training objectives as pure functions: loss weights, offset noise, timestep
+sampling, and the loss of one step. The forward-process math they build on (noise
+schedules, targets, the per-sample loss) is in models/diffusion.py.
 
 Every random draw takes an explicit `torch.Generator`, so a step stays a pure
 function of (seed, step, rank) (see `seeding.step_generator`); nothing here
@@ -8,62 +9,13 @@ touches the global RNG.
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 from diffusers import DDPMScheduler
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+from stablediff.models.diffusion import check_prediction_type, per_sample_loss, snr
+
 LOSS_WEIGHTINGS = ("uniform", "min_snr")
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
-
-
-def make_noise_scheduler(num_train_timesteps: int = 1000, beta_schedule: str = "linear", beta_start: float = 1e-4,
-                         beta_end: float = 0.02, prediction_type: str = "epsilon",
-                         rescale_zero_terminal_snr: bool = False) -> DDPMScheduler:
-    """The training noise schedule: linear (DDPM), scaled_linear (Stable Diffusion) or
-    squaredcos_cap_v2 (cosine, Nichol & Dhariwal 2021), optionally rescaled to zero terminal
-    SNR (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed").
-
-    With zero terminal SNR, x_T is pure noise, so an epsilon model learns nothing at t = T and
-    sampling divides by sqrt(alpha_bar_T) = 0: that combination is refused (use v_prediction,
-    as the paper does). The "trailing" spacing the paper pairs with it is stored in the config,
-    so inference schedulers built from it start at t = T.
-    """
-    if beta_schedule not in BETA_SCHEDULES:
-        raise ValueError(f"noise.beta_schedule {beta_schedule!r} is not supported; use one of {BETA_SCHEDULES}")
-    _check_prediction_type(prediction_type)
-    if rescale_zero_terminal_snr and prediction_type == "epsilon":
-        raise ValueError("noise.rescale_zero_terminal_snr needs train.prediction_type v_prediction (or sample): "
-                         "at zero terminal SNR an epsilon model cannot recover the image at t = T "
-                         "(Lin et al. 2023). Set train.prediction_type=v_prediction.")
-    return DDPMScheduler(
-        num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, beta_start=beta_start,
-        beta_end=beta_end, prediction_type=prediction_type, clip_sample=False, steps_offset=1,
-        rescale_betas_zero_snr=rescale_zero_terminal_snr,
-        timestep_spacing="trailing" if rescale_zero_terminal_snr else "leading",
-    )
-
-
-def training_target(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor,
-                    timesteps: torch.Tensor, prediction_type: str) -> torch.Tensor:
-    """What the network learns to predict: the noise (DDPM), the velocity v (Salimans &
-    Ho 2022, "Progressive Distillation") or the clean sample x0."""
-    if prediction_type == "epsilon":
-        return noise
-    if prediction_type == "v_prediction":
-        return scheduler.get_velocity(latents, noise, timesteps)
-    if prediction_type == "sample":
-        return latents
-    raise ValueError(f"unknown prediction_type {prediction_type!r}; use epsilon, v_prediction or sample")
-
-
-def snr(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
-    """Signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t) at each timestep, (B,) float32."""
-    alphas_cumprod = scheduler.alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)
-    alpha_bar = alphas_cumprod[timesteps]
-    return alpha_bar / (1.0 - alpha_bar)
 
 
 def loss_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, prediction_type: str,
@@ -75,7 +27,7 @@ def loss_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, prediction_t
     dominating; expressed for each target: x0 min(snr, g), epsilon min(snr, g) / snr,
     v min(snr, g) / (snr + 1).
     """
-    _check_prediction_type(prediction_type)
+    check_prediction_type(prediction_type)
     if weighting == "uniform":
         return torch.ones(timesteps.shape, dtype=torch.float32, device=timesteps.device)
     if weighting != "min_snr":
@@ -125,20 +77,6 @@ def sample_timesteps(batch_size: int, num_train_timesteps: int, generator: torch
     return (u * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
 
 
-def per_sample_loss(unet: torch.nn.Module, scheduler: DDPMScheduler, latents: torch.Tensor,
-                    text_embeddings: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
-                    prediction_type: str) -> torch.Tensor:
-    """Unweighted mean squared error of each sample (B,), float32.
-
-    latents (B, C, h, w), text_embeddings (B, L, D), noise like latents, timesteps (B,).
-    """
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    prediction = unet(noisy, timesteps, text_embeddings).sample
-    target = training_target(scheduler, latents, noise, timesteps, prediction_type)
-    squared = (prediction.float() - target.float()) ** 2
-    return squared.flatten(1).mean(dim=1)
-
-
 def diffusion_loss(unet: torch.nn.Module, scheduler: DDPMScheduler, latents: torch.Tensor,
                    text_embeddings: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
                    prediction_type: str, weighting: str = "uniform", snr_gamma: float = 5.0) -> torch.Tensor:
@@ -149,21 +87,3 @@ def diffusion_loss(unet: torch.nn.Module, scheduler: DDPMScheduler, latents: tor
     weights = loss_weights(scheduler, timesteps, prediction_type, weighting, snr_gamma)
     losses = per_sample_loss(unet, scheduler, latents, text_embeddings, noise, timesteps, prediction_type)
     return (losses * weights.to(losses.device)).mean()
-
-
-def evenly_spaced_timesteps(count: int, num_train_timesteps: int) -> tuple[int, ...]:
-    """`count` timesteps at the centres of equal slices of [0, T): 5 of 1000 -> 100, 300, ..., 900."""
-    if not 1 <= count <= num_train_timesteps:
-        raise ValueError(f"asked for {count} evenly spaced timesteps; choose 1 to {num_train_timesteps}")
-    return tuple(int((2 * i + 1) * num_train_timesteps // (2 * count)) for i in range(count))
-
-
-def check_timesteps(timesteps: Sequence[int], num_train_timesteps: int) -> None:
-    bad = [t for t in timesteps if not 0 <= int(t) < num_train_timesteps]
-    if bad:
-        raise ValueError(f"timesteps {bad} are outside [0, {num_train_timesteps}); pick values in that range")
-
-
-def _check_prediction_type(prediction_type: str) -> None:
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"train.prediction_type {prediction_type!r} is not supported; use one of {PREDICTION_TYPES}")

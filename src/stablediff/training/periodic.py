@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from stablediff.config import RunConfig
 from stablediff.evaluation.val_loss import validation_loss
 
 VALIDATION_SAMPLES = 64  # held-out images in the validation loss (fixed: comparable across checkpoints)
@@ -55,10 +56,19 @@ def write_samples(stage, config, path: Path) -> Path:
                                   steps=config.sample.steps, guidance_scale=config.sample.guidance_scale,
                                   size=config.data.resolution) for prompt in config.sample.prompts]
         else:
-            from stablediff.training.run import write_sample_grid
-
             write_sample_grid(stage.pipeline(), config, path)
             return path
     path.parent.mkdir(parents=True, exist_ok=True)
     image_grid(rows).save(path)
     return path
+
+
+def write_sample_grid(pipe, config: RunConfig, path: Path) -> list:
+    """One row per configured prompt, `per_prompt` seeds each; returns the rows."""
+    from stablediff.inference.pipeline import image_grid, txt2img
+
+    rows = [txt2img(pipe, prompt, steps=config.sample.steps, guidance_scale=config.sample.guidance_scale,
+                    seed=config.sample.seed, num=config.sample.per_prompt) for prompt in config.sample.prompts]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(rows).save(path)
+    return rows

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from stablediff import run_schema as schema
 from stablediff.checkpoint.lock import has_run_content
 from stablediff.config import RunConfig, dump_config
 from stablediff.data.loading import CaptionedImages, load_training_data
@@ -71,9 +72,9 @@ def commit_run_files(config: RunConfig, run_dir: Path, resume, check: ResumeChec
     if resume is None:  # no checkpoint: the run starts over, and so does its log
         metrics.rewind(None, None)
     else:
-        stage = resume.meta.get("stage", train_state.UNET_STAGE)
+        stage = schema.stage_of(resume.meta)
         # A stage-1 checkpoint is manifest step 0; the autoencoder's own step is in its meta.
-        step = resume.meta.get("vae_step", resume.step) if stage == train_state.VAE_STAGE else resume.step
+        step = resume.meta.get("vae_step", resume.step) if stage == schema.VAE_STAGE else resume.step
         metrics.rewind(stage, step)
     write_run_config(run_dir, dump_config(config), resume.step if resume else 0, keep_previous=resume is not None)
     if check is not None:
@@ -119,7 +120,7 @@ class Stage2:
 
     def pipeline(self):
         """A diffusers pipeline around the EMA weights (latent models only)."""
-        from stablediff.inference.pipeline import assemble_pipeline  # heavy; not needed to resume training
+        from stablediff.models.pipeline_assembly import assemble_pipeline  # heavy; not needed to resume training
 
         pipe = assemble_pipeline(self.vae, self.text_encoder.model, self.text_encoder.tokenizer,
                                  self.state.ema.model, dict(self.noise_scheduler.config))
@@ -294,14 +295,3 @@ def export_and_sample(config: RunConfig, run_dir: Path, stage: Stage2) -> RunRes
     STOP.check("before the final samples", f"{kept} and exported to {export_dir}")
     write_samples(stage, config, final_grid)
     return result
-
-
-def write_sample_grid(pipe, config: RunConfig, path: Path) -> list:
-    """One row per configured prompt, `per_prompt` seeds each; returns the rows."""
-    from stablediff.inference.pipeline import image_grid, txt2img
-
-    rows = [txt2img(pipe, prompt, steps=config.sample.steps, guidance_scale=config.sample.guidance_scale,
-                    seed=config.sample.seed, num=config.sample.per_prompt) for prompt in config.sample.prompts]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(rows).save(path)
-    return rows

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from stablediff.run_files import replace_atomic
+from stablediff.io.atomic import replace_atomic
 
 CURRENT = "config.yaml"
 ARCHIVE = "configs"

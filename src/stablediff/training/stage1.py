@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
+from stablediff import run_schema as schema
 from stablediff.config import RunConfig
 from stablediff.models.build import build_vae, count_parameters
 from stablediff.training import state as train_state
@@ -45,9 +46,9 @@ def vae_stage(config: RunConfig, images, held_out, resume, metrics: MetricsLog |
     """(the frozen VAE, its report or None). `saves`: checkpoint stage 1 (None: never train, e.g. `data cache`)."""
     vae = build_vae(config.vae, config.data.resolution, trust_pickle)
     saved = resume.meta if resume is not None else None
-    if saved is not None and (train_state.stage_of(saved) == train_state.UNET_STAGE or saved.get("vae_report")):
+    if saved is not None and (schema.stage_of(saved) == schema.UNET_STAGE or saved.get(schema.VAE_REPORT)):
         vae.load_state_dict(train_state.vae_weights(resume.tensors))
-        vae.register_to_config(scaling_factor=saved["vae_scaling_factor"])
+        vae.register_to_config(scaling_factor=saved[schema.VAE_SCALING_FACTOR])
         report = VAEReport(**saved["vae_report"]) if saved.get("vae_report") else None
         return vae.requires_grad_(False).eval(), report
     if config.vae.pretrained or config.vae.train_steps <= 0:
@@ -76,8 +77,8 @@ def train_and_save(config: RunConfig, vae, images, held_out, resume, metrics: Me
         log = metrics.write if metrics is not None else None
         report = train_vae(vae, images, held_out, config.vae, config.seed, log=log, state=state,
                            after_step=partial(after_vae_step, checkpointer, capture))
-        finished = {"vae_report": asdict(report), "vae_scaling_factor": report.scaling_factor}
-        checkpointer.save(train_state.VAE_CHECKPOINT_STEP, partial(capture, finished=finished))
+        finished = {schema.VAE_REPORT: asdict(report), schema.VAE_SCALING_FACTOR: report.scaling_factor}
+        checkpointer.save(schema.VAE_CHECKPOINT_STEP, partial(capture, finished=finished))
     finally:
         checkpointer.close()  # waits: a finished stage 1 is committed before anything else starts
     if metrics is not None:
@@ -93,10 +94,10 @@ def after_vae_step(checkpointer: RunCheckpointer, capture, state: VAETrainState)
     only (no collective): under torchrun rank 0 alone trains stage 1 while the others wait.
     """
     if STOP.signal_name is not None:
-        checkpointer.emergency_save(train_state.VAE_CHECKPOINT_STEP, capture,
+        checkpointer.emergency_save(schema.VAE_CHECKPOINT_STEP, capture,
                                     what=f"of stage 1 at its step {state.step}")
         raise TrainingInterrupted(STOP.signal_name, message=f"saved a checkpoint of stage 1 (autoencoder) at its "
                                                             f"step {state.step}; run the same command to continue")
     if checkpointer.due(state.step) and not checkpointer.busy():
-        checkpointer.save(train_state.VAE_CHECKPOINT_STEP, capture)
+        checkpointer.save(schema.VAE_CHECKPOINT_STEP, capture)
 

@@ -1,5 +1,6 @@
 """What a resumable checkpoint holds, and how it is taken from and put back into a run.
 
+The names (tensor groups, meta keys, stages) are defined in stablediff/run_schema.py.
 Every checkpoint records its stage in meta "stage".
 
 Stage 2 ("unet"), one checkpoint per UNet step. Tensors (flat names, stored as
@@ -32,12 +33,11 @@ from typing import Any
 import numpy as np
 import torch
 
-import stablediff
+from stablediff import run_schema as schema
+from stablediff.version import __version__
 
-UNET_STAGE = "unet"
+_PACKAGE_DIR = Path(__file__).resolve().parents[1]  # src/stablediff: git runs there
 CONTINUE_ROLLBACK = "continue_rollback"  # meta key find_resume adds: the rollback record to continue (not saved)
-VAE_STAGE = "vae"
-VAE_CHECKPOINT_STEP = 0  # stage 1 is saved as step 0 and replaced by each newer save, then by stage 2's step 0
 
 
 def capture(state, vae: torch.nn.Module | None, config_dump: dict, fingerprints: dict,
@@ -48,30 +48,30 @@ def capture(state, vae: torch.nn.Module | None, config_dump: dict, fingerprints:
     """
     tensors: dict[str, torch.Tensor] = {}
     if vae is not None:  # pixel-space models have none
-        tensors.update(_prefixed("vae", vae.state_dict()))
-    tensors.update(_prefixed("unet", state.unet.state_dict()))
-    tensors.update(_prefixed("ema", state.ema.state_dict()))
+        tensors.update(schema.prefixed(schema.VAE, vae.state_dict()))
+    tensors.update(schema.prefixed(schema.UNET, state.unet.state_dict()))
+    tensors.update(schema.prefixed(schema.EMA, state.ema.state_dict()))
     optim = state.optimizer.state_dict()
-    tensors.update(_optimizer_tensors("optim", optim))
+    tensors.update(_optimizer_tensors(schema.OPTIM, optim))
     rng_tensors, rng_meta = local_rng()
-    tensors.update(_prefixed("rng", rng_tensors))
+    tensors.update(schema.prefixed(schema.RNG, rng_tensors))
     for rank, (ranked_tensors, ranked_meta) in enumerate(other_ranks_rng, start=1):
-        tensors.update(_prefixed(f"rng_rank/{rank}", ranked_tensors))
+        tensors.update(schema.prefixed(f"{schema.RNG_RANK}/{rank}", ranked_tensors))
         rng_meta.setdefault("ranks", {})[str(rank)] = ranked_meta
     meta = {
-        "stage": UNET_STAGE,
-        "step": state.step,
+        schema.STAGE: schema.UNET_STAGE,
+        schema.STEP: state.step,
         "images_seen": state.images_seen,
         "sampler": state.sampler.state_dict(),
-        "optimizer_param_groups": optim["param_groups"],
+        schema.OPTIMIZER_PARAM_GROUPS: optim["param_groups"],
         "lr_scheduler": _plain(state.lr_scheduler.state_dict()),
-        "rng": rng_meta,
+        schema.RNG_META: rng_meta,
         "grad_scaler": _plain(state.precision.state_dict()),
         "guard": state.guard.state_dict() if state.guard is not None else None,
         "lr_scale": state.lr_scale,
         "skipped_batches": state.skipped_batches,
-        "config": config_dump,
-        "fingerprints": fingerprints,
+        schema.CONFIG: config_dump,
+        schema.FINGERPRINTS: fingerprints,
         **state.extra,
     }
     return tensors, meta
@@ -106,21 +106,22 @@ def restore(state, tensors: dict[str, torch.Tensor], meta: dict, rank: int = 0) 
     `meta[CONTINUE_ROLLBACK]` (put there by find_resume): the rolled-back trajectory
     then continues (lowered LR, rollback count, skipped batches; training/rollback.py).
     """
-    state.unet.load_state_dict(_unprefixed("unet", tensors))
-    state.ema.load_state_dict(_unprefixed("ema", tensors))
-    state.optimizer.load_state_dict(_optimizer_state("optim", tensors, meta["optimizer_param_groups"]))
+    state.unet.load_state_dict(schema.unprefixed(schema.UNET, tensors))
+    state.ema.load_state_dict(schema.unprefixed(schema.EMA, tensors))
+    state.optimizer.load_state_dict(_optimizer_state(schema.OPTIM, tensors, meta[schema.OPTIMIZER_PARAM_GROUPS]))
     state.lr_scheduler.load_state_dict(meta["lr_scheduler"])
     state.sampler.load_state_dict(meta["sampler"])
-    state.step, state.images_seen = int(meta["step"]), int(meta["images_seen"])
+    state.step, state.images_seen = int(meta[schema.STEP]), int(meta["images_seen"])
     state.precision.load_state_dict(meta.get("grad_scaler") or {})
     if state.guard is not None and meta.get("guard"):
         state.guard.load_state_dict(meta["guard"])
     state.lr_scale = float(meta.get("lr_scale", 1.0))  # already applied in the saved schedule and optimizer
     state.skipped_batches, state.pending_skip = int(meta.get("skipped_batches", 0)), 0
     if rank == 0:
-        restore_local_rng(_unprefixed("rng", tensors), meta["rng"])
-    elif str(rank) in meta["rng"].get("ranks", {}):
-        restore_local_rng(_unprefixed(f"rng_rank/{rank}", tensors), meta["rng"]["ranks"][str(rank)])
+        restore_local_rng(schema.unprefixed(schema.RNG, tensors), meta[schema.RNG_META])
+    elif str(rank) in meta[schema.RNG_META].get("ranks", {}):
+        rank_group = f"{schema.RNG_RANK}/{rank}"
+        restore_local_rng(schema.unprefixed(rank_group, tensors), meta[schema.RNG_META]["ranks"][str(rank)])
     if meta.get(CONTINUE_ROLLBACK):
         from stablediff.training.rollback import continue_rollback
 
@@ -128,30 +129,26 @@ def restore(state, tensors: dict[str, torch.Tensor], meta: dict, rank: int = 0) 
 
 
 def vae_weights(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return _unprefixed("vae", tensors)
-
-
-def stage_of(meta: dict) -> str:
-    return meta.get("stage", UNET_STAGE)
+    return schema.unprefixed(schema.VAE, tensors)
 
 
 def unet_resume(loaded):
     """`loaded` if it is a stage-2 checkpoint (stage 2 resumes from it), else None."""
-    return loaded if loaded is not None and stage_of(loaded.meta) == UNET_STAGE else None
+    return loaded if loaded is not None and schema.stage_of(loaded.meta) == schema.UNET_STAGE else None
 
 
 def capture_vae(vae_state, config_dump: dict, fingerprints: dict, finished: dict | None = None) -> tuple[dict, dict]:
     """(tensors, meta) of stage 1 at a step boundary. `finished`: {"vae_report", "vae_scaling_factor"}
     once it is done; the optimizer state is then left out (nothing resumes it)."""
-    tensors = _prefixed("vae", vae_state.vae.state_dict())
+    tensors = schema.prefixed(schema.VAE, vae_state.vae.state_dict())
     rng_tensors, rng_meta = local_rng()
-    tensors.update(_prefixed("rng", rng_tensors))
-    meta = {"stage": VAE_STAGE, "vae_step": vae_state.step, "vae_loss": vae_state.last_loss, "rng": rng_meta,
-            "config": config_dump, "fingerprints": fingerprints}
+    tensors.update(schema.prefixed(schema.RNG, rng_tensors))
+    meta = {schema.STAGE: schema.VAE_STAGE, schema.VAE_STEP: vae_state.step, "vae_loss": vae_state.last_loss,
+            schema.RNG_META: rng_meta, schema.CONFIG: config_dump, schema.FINGERPRINTS: fingerprints}
     if finished is None:
         optim = vae_state.optimizer.state_dict()
-        tensors.update(_optimizer_tensors("vae_optim", optim))
-        meta["optimizer_param_groups"] = optim["param_groups"]
+        tensors.update(_optimizer_tensors(schema.VAE_OPTIM, optim))
+        meta[schema.OPTIMIZER_PARAM_GROUPS] = optim["param_groups"]
     else:
         meta.update(finished)
     return tensors, meta
@@ -159,19 +156,20 @@ def capture_vae(vae_state, config_dump: dict, fingerprints: dict, finished: dict
 
 def restore_vae(vae_state, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     """Put an unfinished stage-1 checkpoint back into a freshly built `VAETrainState`."""
-    vae_state.vae.load_state_dict(_unprefixed("vae", tensors))
-    vae_state.optimizer.load_state_dict(_optimizer_state("vae_optim", tensors, meta["optimizer_param_groups"]))
-    vae_state.step, vae_state.last_loss = int(meta["vae_step"]), float(meta["vae_loss"])
-    restore_local_rng(_unprefixed("rng", tensors), meta["rng"])
+    vae_state.vae.load_state_dict(schema.unprefixed(schema.VAE, tensors))
+    vae_state.optimizer.load_state_dict(_optimizer_state(schema.VAE_OPTIM, tensors,
+                                                         meta[schema.OPTIMIZER_PARAM_GROUPS]))
+    vae_state.step, vae_state.last_loss = int(meta[schema.VAE_STEP]), float(meta["vae_loss"])
+    restore_local_rng(schema.unprefixed(schema.RNG, tensors), meta[schema.RNG_META])
 
 
 def resume_message(loaded) -> str:
     meta = loaded.meta
-    if stage_of(meta) != VAE_STAGE:
+    if schema.stage_of(meta) != schema.VAE_STAGE:
         return f"resumed from step {loaded.step}"
-    if meta.get("vae_report"):
+    if meta.get(schema.VAE_REPORT):
         return "resumed after stage 1: the trained autoencoder comes from the checkpoint, not trained again"
-    return f"resumed stage 1 (autoencoder) from its step {meta['vae_step']}"
+    return f"resumed stage 1 (autoencoder) from its step {meta[schema.VAE_STEP]}"
 
 
 def _optimizer_tensors(prefix: str, optim: dict) -> dict[str, torch.Tensor]:
@@ -192,26 +190,17 @@ def _optimizer_state(prefix: str, tensors: dict[str, torch.Tensor], param_groups
 def code_fingerprint() -> str:
     """The package version plus the git commit when running from a checkout."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(stablediff.__file__).parent,
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=_PACKAGE_DIR,
                                 capture_output=True, text=True, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
-    return f"{stablediff.__version__}+{commit}" if commit else stablediff.__version__
+    return f"{__version__}+{commit}" if commit else __version__
 
 
 def data_fingerprint(images: torch.Tensor, captions: list[list[str]]) -> str:
     digest = hashlib.blake2b(images.numpy().tobytes(), digest_size=16)
     digest.update("\x00".join("\x01".join(c) for c in captions).encode())
     return digest.hexdigest()
-
-
-def _prefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {f"{prefix}/{k}": v for k, v in tensors.items()}
-
-
-def _unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    start = len(prefix) + 1
-    return {k[start:]: v for k, v in tensors.items() if k.startswith(prefix + "/")}
 
 
 def _plain(value: Any) -> Any:

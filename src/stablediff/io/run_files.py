@@ -1,4 +1,4 @@
-"""Small files of a run directory that must survive a crash: atomic replacement and JSON-lines logs.
+"""Small files of a run directory that must survive a crash: JSON-lines logs (rewrites: io.atomic).
 
 `metrics.jsonl`, `quarantine.jsonl` and `config.yaml` are appended or rewritten
 while a run may be killed at any instant. A rewrite goes to a temporary sibling
@@ -12,13 +12,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-
-from stablediff.checkpoint._fs import LocalFS
-
-
-def replace_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a fsynced temporary sibling and a rename (the store's one implementation)."""
-    LocalFS(str(path.parent)).write_atomic(path.name, data)
 
 
 def read_lines(path: Path) -> list[tuple[bytes, dict | None]]:

@@ -12,9 +12,20 @@ import struct
 
 import fsspec
 
-from .errors import PickleRefusedError
+from stablediff.errors import CheckpointError, ModelFileError
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+# The one list of pickle suffixes. Model weights saved by torch.save carry the first four;
+# a model file is a safetensors file or one of those.
+PICKLE_MODEL_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+PICKLE_SUFFIXES = PICKLE_MODEL_SUFFIXES + (".pkl", ".pickle")
+MODEL_FILE_SUFFIXES = (".safetensors",) + PICKLE_MODEL_SUFFIXES
+
+
+class PickleRefusedError(ModelFileError, CheckpointError):
+    """A pickle-based file was given without --trust-pickle.
+
+    A model-file error; also a CheckpointError, as it was when only checkpoint code raised it.
+    """
 
 
 def sniff_format(head: bytes) -> str:

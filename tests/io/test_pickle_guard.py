@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from stablediff.checkpoint import PickleRefusedError, refuse_pickle
+from stablediff.io.pickle_guard import PickleRefusedError, refuse_pickle
 
 
 def test_torch_save_zip_file_is_refused(tmp_path):

@@ -1,0 +1,64 @@
+"""What a run's checkpoint holds: tensor groups, meta keys, stages and the best metric (one place).
+
+A checkpoint's tensors have flat names `<group>/<name>` (stored as
+content-addressed chunks); its meta is plain JSON. Training writes them
+(training/state.py), export reads them (models/run_export.py) and `ckpt info`
+shows them. See training/state.py for what each stage saves.
+
+Pure constants and tiny pure helpers: no torch, so any layer may import it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+# -- stages (meta "stage") ---------------------------------------------------------------------
+UNET_STAGE = "unet"  # stage 2: one checkpoint per UNet step
+VAE_STAGE = "vae"  # stage 1: the autoencoder, before UNet step 0
+VAE_CHECKPOINT_STEP = 0  # stage 1 is saved as step 0 and replaced by each newer save, then by stage 2's step 0
+
+# -- tensor groups (the part of a tensor's name before the first "/") ----------------------------
+VAE = "vae"  # the autoencoder (frozen after stage 1: costs no bytes after the first save)
+UNET = "unet"  # the UNet being trained (its LoRA adapters, when it has them: names with `lora_`)
+EMA = "ema"  # the UNet's moving average
+OPTIM = "optim"  # AdamW's per-parameter state of stage 2: optim/<param index>/<key>
+VAE_OPTIM = "vae_optim"  # the same for stage 1
+RNG = "rng"  # the global generators' states: rng/torch, rng/numpy, rng/cuda/<device>
+RNG_RANK = "rng_rank"  # other ranks' generators under torchrun: rng_rank/<rank>/...
+
+# -- meta keys ---------------------------------------------------------------------------------
+STAGE = "stage"
+STEP = "step"
+VAE_STEP = "vae_step"
+CONFIG = "config"  # the resolved RunConfig, as JSON
+FINGERPRINTS = "fingerprints"  # code, data and text-encoder fingerprints
+RNG_META = "rng"  # python's and numpy's generator state (the tensors hold the rest)
+OPTIMIZER_PARAM_GROUPS = "optimizer_param_groups"
+VAE_REPORT = "vae_report"  # a finished stage 1's report
+VAE_SCALING_FACTOR = "vae_scaling_factor"
+LORA_CONFIG = "lora_config"  # the peft LoraConfig as a dict: rank, alpha, target modules
+# Meta that `ckpt info` leaves out: large, and read by the trainer rather than by people.
+BULKY_META = (CONFIG, RNG_META, OPTIMIZER_PARAM_GROUPS)
+
+# -- the best checkpoint -----------------------------------------------------------------------
+BEST_METRIC = "val_loss"  # what retention's keep_best and `--best` rank checkpoints by (lower is better)
+
+
+def prefixed(group: str, tensors: Mapping[str, Any]) -> dict[str, Any]:
+    """`tensors` named into `group`: {"w": t} -> {"unet/w": t}."""
+    return {f"{group}/{name}": value for name, value in tensors.items()}
+
+
+def unprefixed(group: str, tensors: Mapping[str, Any]) -> dict[str, Any]:
+    """The tensors of `group`, with the group taken off their names."""
+    start = len(group) + 1
+    return {name[start:]: value for name, value in tensors.items() if name.startswith(group + "/")}
+
+
+def group_of(name: str) -> str:
+    return name.split("/")[0]
+
+
+def stage_of(meta: Mapping[str, Any]) -> str:
+    """A checkpoint's stage; checkpoints from before stages were recorded are stage 2's."""
+    return meta.get(STAGE, UNET_STAGE)
