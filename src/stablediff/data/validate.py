@@ -159,7 +159,7 @@ def decode_image(data: bytes, config: ValidationConfig = DEFAULT_VALIDATION) -> 
     """Open and fully load an image, or raise `ImageRejected` with the reason.
 
     The image is returned as stored (mode and orientation untouched);
-    `transforms.load_rgb` makes it training-ready.
+    `transforms.upright_rgb` makes it training-ready.
     """
     if not data:
         raise ImageRejected("zero_bytes", "the file is empty")
