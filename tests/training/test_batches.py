@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from stablediff.training.batches import caption_rows, draw_batch
-from stablediff.training.features import EncodedDataset, LatentBucket
+from stablediff.training.encoded_dataset import EncodedDataset, LatentBucket
 from stablediff.training.seeding import step_generator
 
 EMBEDDINGS = torch.randn(3, 2, 4)  # row 0 is ""

@@ -12,7 +12,7 @@ from stablediff.config.schema import CheckpointConfig, DataConfig, GuardConfig, 
 from stablediff.data.order import BatchOrder
 from stablediff.training import state as train_state
 from stablediff.training.checkpointing import RunCheckpointer, find_resume
-from stablediff.training.features import EncodedDataset
+from stablediff.training.encoded_dataset import EncodedDataset
 from stablediff.training.objectives import make_noise_scheduler
 from stablediff.training.rollback import batches_to_skip, roll_back
 from stablediff.training.unet_stage import LoopHooks, make_train_state, train_unet

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from stablediff.training.features import EncodedDataset
+from stablediff.training.encoded_dataset import EncodedDataset
 from stablediff.training.seeding import step_generator
 
 

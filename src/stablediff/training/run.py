@@ -24,8 +24,8 @@ from stablediff.models.build import build_noise_scheduler, build_unet, count_par
 from stablediff.models.text_encoder import load_text_encoder
 from stablediff.training import state as train_state
 from stablediff.training.checkpointing import RunCheckpointer, find_resume, open_stores
-from stablediff.data.features import FeatureCache
-from stablediff.training.features import bucket_step, encode_dataset_cached
+from stablediff.data.feature_cache import FeatureCache
+from stablediff.training.encoded_dataset import bucket_step, encode_dataset_cached
 from stablediff.training.finished import completed_step, outputs_up_to_date
 from stablediff.training.metrics import MetricsLog
 from stablediff.training.resume_check import ResumeCheck, explain_load_errors, start_resume_check

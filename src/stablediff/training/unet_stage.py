@@ -21,7 +21,7 @@ from stablediff.config.schema import DataConfig, GuardConfig, TrainConfig
 from stablediff.data.order import BatchOrder, BucketBatchOrder, make_batch_order
 from stablediff.training.ema import EMA
 from stablediff.training.batches import draw_batch
-from stablediff.training.features import EncodedDataset
+from stablediff.training.encoded_dataset import EncodedDataset
 from stablediff.training.lr_schedule import lr_multiplier
 from stablediff.training.metrics import MetricsLog
 from stablediff.training.distributed import mean_over_ranks

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 from diffusers import AutoencoderKL
 
-from stablediff.data.encoding import EncodeCounts, encode_all
-from stablediff.data.features import FeatureCache, vae_fingerprint
+from stablediff.data.cache_fill import EncodeCounts, encode_all
+from stablediff.data.feature_cache import FeatureCache, vae_fingerprint
 from stablediff.data.loading import FramedImages
 from stablediff.models.build import vae_folder
 from stablediff.models.text_encoder import TextEncoder

@@ -6,7 +6,7 @@ import torch
 from stablediff.config import load_config
 from stablediff.data.digits import load_digits
 from stablediff.data.buckets import resolve_buckets
-from stablediff.data.features import FeatureCache
+from stablediff.data.feature_cache import FeatureCache
 from stablediff.data.framing import Framing
 from stablediff.data.loading import FramedImages, load_captioned_images
 from stablediff.data.order import BucketBatchOrder
@@ -14,7 +14,7 @@ from stablediff.data.validate import content_hash
 from stablediff.models.build import build_vae
 from stablediff.models.text_encoder import load_text_encoder
 from stablediff.training.batches import draw_batch
-from stablediff.training.features import bucket_step, encode_dataset, encode_dataset_cached
+from stablediff.training.encoded_dataset import bucket_step, encode_dataset, encode_dataset_cached
 from stablediff.data.transforms import pixels_to_tensor
 
 from tests.data.corpus import build_mixed_aspect_folder
