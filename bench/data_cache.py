@@ -34,8 +34,8 @@ from PIL import Image
 from _common import REPO, write_result  # bench/ is on sys.path when a script runs
 from stablediff.config import load_config
 from stablediff.data.digits import load_digits
-from stablediff.data.encoding import encode_all
-from stablediff.data.features import FeatureCache
+from stablediff.data.cache_fill import encode_all
+from stablediff.data.feature_cache import FeatureCache
 from stablediff.data.sources import open_source
 from stablediff.data.transforms import upright_rgb
 from stablediff.data.validate import Validator, content_hash

@@ -2,7 +2,7 @@
 
     python tests/data/_cache_writer_proc.py CACHE_ROOT NUM_SAMPLES
 
-tests/data/test_features.py SIGKILLs this process part-way and checks that the
+tests/data/test_feature_cache.py SIGKILLs this process part-way and checks that the
 cache it leaves behind verifies and resumes. The tiny VAE and the images are
 built from fixed seeds here and in the test, so both sides agree on them.
 """
@@ -15,8 +15,8 @@ import blake3
 import torch
 from diffusers import AutoencoderKL
 
-from stablediff.data.encoding import encode_all
-from stablediff.data.features import FeatureCache
+from stablediff.data.cache_fill import encode_all
+from stablediff.data.feature_cache import FeatureCache
 
 TRANSFORM_ID = "test-16x16"
 SHARD_SIZE = 8

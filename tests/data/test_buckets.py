@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from stablediff.data.buckets import assign_buckets, bucket_batches, make_buckets, nearest_bucket
+from stablediff.data.buckets import bucket_batches, make_buckets, nearest_bucket
 
 
 def test_default_buckets_are_multiples_of_64_within_the_area():
@@ -33,7 +33,7 @@ def test_nearest_bucket_matches_aspect_ratio():
 def test_batches_hold_one_bucket_and_cover_every_index_once():
     sizes = [(512, 512), (1920, 1080), (1080, 1920), (800, 800), (1280, 720)] * 7
     buckets = make_buckets()
-    ids = assign_buckets(sizes, buckets)
+    ids = [nearest_bucket(width, height, buckets) for width, height in sizes]
     batches = bucket_batches(ids, batch_size=4, seed=3)
     assert sorted(i for batch in batches for i in batch) == list(range(len(sizes)))
     assert all(len({ids[i] for i in batch}) == 1 for batch in batches)

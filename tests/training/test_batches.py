@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stablediff.training.batches import draw_batch
-from stablediff.training.features import EncodedDataset, LatentBucket
+from stablediff.training.batches import caption_rows, draw_batch
+from stablediff.training.encoded_dataset import EncodedDataset, LatentBucket
 from stablediff.training.seeding import step_generator
 
 EMBEDDINGS = torch.randn(3, 2, 4)  # row 0 is ""
@@ -50,3 +50,16 @@ def test_one_variant_draws_the_posterior_exactly_as_before_bucketing():
     latents, _ = draw_batch(data, indices, 0.5, 0.0, 7, 2, 0)
     eps = torch.randn((3, 1, 2, 4), generator=step_generator(7, 2, 0, "posterior"))
     assert torch.equal(latents, (mean[indices] + std[indices] * eps) * 0.5)
+
+
+def test_caption_dropout_rate_matches_probability():
+    # The one caption-dropout implementation: row 0 of the embeddings is "" (classifier-free guidance).
+    indices = torch.arange(5000)
+    rows = caption_rows([[1]] * 5000, indices, 0.1, seed=0, step=0, rank=0)
+    assert 400 < int((rows == 0).sum()) < 600
+
+
+def test_caption_dropout_zero_and_one_are_exact():
+    indices = torch.arange(100)
+    assert caption_rows([[1]] * 100, indices, 0.0, 0, 0, 0).tolist() == [1] * 100
+    assert caption_rows([[1]] * 100, indices, 1.0, 0, 0, 0).tolist() == [0] * 100

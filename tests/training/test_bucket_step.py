@@ -8,7 +8,7 @@ import pytest
 
 from stablediff.config import ConfigError, load_config
 from stablediff.config.schema import VAEConfig
-from stablediff.training.features import bucket_step
+from stablediff.training.encoded_dataset import bucket_step
 
 
 def test_the_step_is_eight_times_the_configured_vae_downscale():

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from stablediff.config import RunConfig
-from stablediff.data.sampler import ResumableSampler
+from stablediff.data.order import BatchOrder
 from stablediff.training.metrics import MetricsLog
 from stablediff.training.resume_check import ConfigChangeRefused, ResumeCheck, explain_load_errors
 
@@ -17,9 +17,9 @@ def dump(**sections) -> dict:
 
 
 def saved_meta(**sections) -> dict:
-    sampler = ResumableSampler(num_samples=10, seed=0)
+    order = BatchOrder(num_samples=10, seed=0)
     return {"config": dump(**sections), "fingerprints": FINGERPRINTS,
-            "sampler": {**sampler.state_dict(), "epoch": 3, "position": 4}}
+            "sampler": {**order.state_dict(), "epoch": 3, "position": 4}}
 
 
 def check(allow=False, meta=None, said=None) -> ResumeCheck:
@@ -73,10 +73,10 @@ def test_allowed_changes_are_recorded_in_metrics_and_in_the_checkpoint_meta(tmp_
 def test_the_data_order_starts_the_saved_epoch_over_when_the_data_changed_by_permission():
     resume = check(allow=True)
     resume.check_config(dump(data={"source": "/photos"}))
-    meta = resume.restorable_meta(ResumableSampler(num_samples=7, seed=0))
+    meta = resume.restorable_meta(BatchOrder(num_samples=7, seed=0))
     assert meta["sampler"] == {"epoch": 3, "position": 0, "seed": 0, "num_samples": 7}
     same = check(allow=True)
-    assert same.restorable_meta(ResumableSampler(num_samples=10, seed=0)) is same.meta  # nothing changed
+    assert same.restorable_meta(BatchOrder(num_samples=10, seed=0)) is same.meta  # nothing changed
 
 
 def test_weights_that_do_not_fit_an_allowed_shape_change_get_a_clear_error():

@@ -9,11 +9,11 @@ import torch
 
 from stablediff.checkpoint import CheckpointStore, lineage
 from stablediff.config.schema import CheckpointConfig, DataConfig, GuardConfig, TrainConfig
-from stablediff.data.sampler import ResumableSampler
+from stablediff.data.order import BatchOrder
 from stablediff.training import state as train_state
 from stablediff.training.checkpointing import RunCheckpointer, find_resume
-from stablediff.training.features import EncodedDataset
 from stablediff.models.diffusion import make_noise_scheduler
+from stablediff.training.encoded_dataset import EncodedDataset
 from stablediff.training.rollback import batches_to_skip, roll_back
 from stablediff.training.unet_stage import LoopHooks, make_train_state, train_unet
 from tests.tiny_models import tiny_unet
@@ -104,10 +104,10 @@ def test_the_rolled_back_run_draws_other_batches_and_noise_than_the_diverged_one
     run.diverge_and_roll_back(first_bad_step=3)
     run.train_to(4)
     assert run.losses[4] != six_steps[1][4]  # step 4 on the rolled-back trajectory, and before the rollback
-    fresh = ResumableSampler(SAMPLES, seed=0)
+    fresh = BatchOrder(SAMPLES, seed=0)
     for _ in range(3 + 10 + 1):  # three steps to the target, ten skipped, then the step just trained
         fresh.next_batch(CFG.batch_size)
-    assert run.state.sampler.state_dict() == fresh.state_dict()
+    assert run.state.order.state_dict() == fresh.state_dict()
     assert run.state.skipped_batches == 10
 
 
@@ -117,7 +117,7 @@ def test_resuming_from_the_target_after_a_crash_continues_the_rolled_back_trajec
     resumed, notes = Run(tmp_path / "checkpoints"), []
     assert resumed.resume(notes.append).step == 3
     assert any("continuing after the divergence rollback" in n for n in notes)
-    assert resumed.capture()[1] == run.capture()[1]  # LR, guard with its count, sampler, skipped batches
+    assert resumed.capture()[1] == run.capture()[1]  # LR, guard with its count, data order, skipped batches
     run.train_to(4)
     resumed.train_to(4)
     assert all(torch.equal(a, b) for a, b in zip(resumed.state.unet.parameters(), run.state.unet.parameters()))

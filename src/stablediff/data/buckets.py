@@ -47,17 +47,6 @@ def nearest_bucket(width: int, height: int, buckets: Sequence[Bucket]) -> int:
                               -buckets[i][0] * buckets[i][1], i))
 
 
-def assign_buckets(sizes: Sequence[tuple[int, int]], buckets: Sequence[Bucket]) -> list[int]:
-    """The bucket index of each (width, height)."""
-    memo: dict[tuple[int, int], int] = {}
-    out = []
-    for size in sizes:
-        if size not in memo:
-            memo[size] = nearest_bucket(size[0], size[1], buckets)
-        out.append(memo[size])
-    return out
-
-
 def bucket_batches(bucket_ids: Sequence[int], batch_size: int, seed: int, epoch: int = 0,
                    drop_last: bool = False) -> list[list[int]]:
     """Sample indices grouped into batches of one bucket each, in a seeded order.

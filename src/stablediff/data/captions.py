@@ -1,29 +1,23 @@
-"""Caption augmentations: dropout (for classifier-free guidance) and tag shuffling.
+"""Caption tag shuffling, as cached variants.
 
-Both take the random generator explicitly (a `numpy.random.Generator` or a
-`random.Random`), so a run's captions are reproducible from its seed.
+Caption dropout (for classifier-free guidance) is not here: training drops a
+caption by picking the empty caption's embedding row (`training.batches.caption_rows`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import random
 from typing import Protocol
 
 
-class RandomLike(Protocol):
-    def random(self) -> float: ...
+class Shuffler(Protocol):
+    """A `numpy.random.Generator` or a `random.Random`: the generator is always explicit, so a
+    run's captions are reproducible from its seed."""
+
     def shuffle(self, x: list) -> None: ...
 
 
-def caption_dropout(caption: str, probability: float, rng: RandomLike) -> str:
-    """"" with `probability`, else the caption: trains the unconditional branch that
-    classifier-free guidance needs (Ho & Salimans 2022; SD used p = 0.1)."""
-    if not 0.0 <= probability <= 1.0:
-        raise ValueError(f"caption dropout probability must be in [0, 1], got {probability}")
-    return "" if probability > 0 and rng.random() < probability else caption
-
-
-def shuffle_tags(caption: str, rng: RandomLike, keep_tokens: int = 0, separator: str = ",") -> str:
+def shuffle_tags(caption: str, rng: Shuffler, keep_tokens: int = 0, separator: str = ",") -> str:
     """Shuffle comma-separated tags, keeping the first `keep_tokens` in place (kohya's option).
 
     Tag-style captions ("1girl, solo, red hair") carry no word order, so
@@ -38,19 +32,6 @@ def shuffle_tags(caption: str, rng: RandomLike, keep_tokens: int = 0, separator:
     return joiner.join(head + tail)
 
 
-@dataclass(frozen=True)
-class CaptionOptions:
-    dropout: float = 0.0
-    shuffle: bool = False
-    keep_tokens: int = 0
-
-    def apply(self, caption: str, rng: RandomLike) -> str:
-        """Shuffle first, then drop: the random draws happen in the same order every time."""
-        if self.shuffle:
-            caption = shuffle_tags(caption, rng, self.keep_tokens)
-        return caption_dropout(caption, self.dropout, rng)
-
-
 def shuffled_variants(caption: str, count: int, seed: int, sample_index: int, keep_tokens: int = 0) -> list[str]:
     """`count` tag-shuffled versions of a caption (the first is the caption as written).
 
@@ -58,8 +39,6 @@ def shuffled_variants(caption: str, count: int, seed: int, sample_index: int, ke
     embeddings: each variant is encoded once, like any other caption. The
     variants are a pure function of (seed, sample_index).
     """
-    import random
-
     rng = random.Random(f"{seed}/{sample_index}")
     variants = [caption]
     for _ in range(count - 1):

@@ -1,4 +1,4 @@
-"""From decoded image to training tensor: RGB, upright, resized, cropped, maybe flipped, in [-1, 1].
+"""From decoded image to training pixels: RGB, upright, resized, cropped, then a tensor in [-1, 1].
 
 `to_rgb` is where every supported mode becomes plain 8-bit RGB. Pillow's own
 `convert("RGB")` gets three cases wrong for training data: it drops alpha
@@ -9,7 +9,6 @@ white), and it ignores EXIF orientation. Those are handled here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -17,8 +16,6 @@ from PIL import Image, ImageOps
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: spawned ingest workers start without it
     import torch
-
-from stablediff.data.validate import DEFAULT_VALIDATION, ValidationConfig, decode_image
 
 WHITE = (255, 255, 255)
 SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
@@ -67,11 +64,6 @@ def upright_rgb(image: Image.Image) -> Image.Image:
     return to_rgb(ImageOps.exif_transpose(image))
 
 
-def load_rgb(data: bytes, config: ValidationConfig = DEFAULT_VALIDATION) -> Image.Image:
-    """Encoded bytes -> upright 8-bit RGB image; raises `ImageRejected` for a bad file."""
-    return upright_rgb(decode_image(data, config))
-
-
 def resize_to_cover(image: Image.Image, width: int, height: int) -> Image.Image:
     """Scale to cover width x height, aspect ratio kept: the shorter side fits exactly."""
     scale = max(width / image.width, height / image.height)
@@ -95,39 +87,9 @@ def crop_box(image_size: tuple[int, int], size: tuple[int, int], random_crop: bo
     return left, top, left + width, top + height
 
 
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    """8-bit RGB image -> float32 tensor (3, H, W) in [-1, 1], the range SD's VAE expects."""
-    return pixels_to_tensor(np.array(image.convert("RGB"), dtype=np.uint8, copy=True))
-
-
 def pixels_to_tensor(pixels: np.ndarray) -> torch.Tensor:
     """(..., H, W, 3) uint8 -> float32 (..., 3, H, W) in [-1, 1]."""
     import torch
 
     return torch.from_numpy(np.ascontiguousarray(pixels)).movedim(-1, -3).float().div(127.5).sub(1.0)
 
-
-@dataclass(frozen=True)
-class ImageTransform:
-    """Resize (shorter side to fit), crop to `size` = (width, height), maybe flip, to tensor."""
-
-    size: tuple[int, int] = (512, 512)
-    random_crop: bool = False
-    flip_probability: float = 0.0
-
-    def __call__(self, image: Image.Image, rng: np.random.Generator | None = None,
-                 size: tuple[int, int] | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
-        """(tensor (3, H, W), crop top-left (top, left) in resized pixels, as SDXL conditions on).
-
-        `size` overrides the configured size, for the bucket a sample was put in.
-        """
-        width, height = size or self.size
-        resized = resize_to_cover(upright_rgb(image), width, height)
-        box = crop_box(resized.size, (width, height), self.random_crop, rng)
-        cropped = resized.crop(box)
-        if self.flip_probability > 0:
-            if rng is None:
-                raise ValueError("a random flip needs an rng (numpy Generator) for reproducibility")
-            if rng.random() < self.flip_probability:
-                cropped = ImageOps.mirror(cropped)
-        return to_tensor(cropped), (box[1], box[0])

@@ -13,7 +13,7 @@ import json
 import threading
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,7 +159,7 @@ def decode_image(data: bytes, config: ValidationConfig = DEFAULT_VALIDATION) -> 
     """Open and fully load an image, or raise `ImageRejected` with the reason.
 
     The image is returned as stored (mode and orientation untouched);
-    `transforms.load_rgb` makes it training-ready.
+    `transforms.upright_rgb` makes it training-ready.
     """
     if not data:
         raise ImageRejected("zero_bytes", "the file is empty")
@@ -243,17 +243,6 @@ class Validator:
         else:
             self.rejects[verdict.reason] += 1
         return verdict
-
-
-def filter_valid(samples: Iterable[RawSample], validator: Validator,
-                 quarantine: Quarantine | None = None) -> Iterator[tuple[RawSample, Verdict]]:
-    """The accepted samples with their verdicts; every reject goes to the quarantine."""
-    for sample in samples:
-        verdict = validator.judge(sample)
-        if verdict.ok:
-            yield sample, verdict
-        elif quarantine is not None:
-            quarantine.add(sample, verdict)
 
 
 @dataclass

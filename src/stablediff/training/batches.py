@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from stablediff.training.features import EncodedDataset
+from stablediff.training.encoded_dataset import EncodedDataset
 from stablediff.training.seeding import step_generator
 
 
@@ -17,12 +17,12 @@ def draw_batch(data: EncodedDataset, indices: torch.Tensor, scaling_factor: floa
                seed: int, step: int, rank: int, flip_probability: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Latents (B, C, h, w), scaled, and text embeddings (B, L, D) for one step.
 
-    All `indices` must share a bucket (the bucket sampler guarantees it): a batch is one tensor.
+    All `indices` must share a bucket (`BucketBatchOrder` guarantees it): a batch is one tensor.
     """
     buckets = data.bucket_of[indices].unique()
     if len(buckets) != 1:
         raise ValueError(f"a batch must hold samples of one bucket, got buckets {buckets.tolist()}; "
-                         "draw bucketed data with BucketBatchSampler")
+                         "draw bucketed data with BucketBatchOrder")
     group, rows = data.buckets[int(buckets[0])], data.row_of[indices]
     g_post = step_generator(seed, step, rank, "posterior")
     eps = torch.randn((len(indices), *group.mean.shape[2:]), generator=g_post)

@@ -13,7 +13,7 @@ from diffusers import DPMSolverMultistepScheduler
 from PIL import Image
 
 from stablediff.models.text_encoder import TextEncoder
-from stablediff.training.features import EncodedDataset, caption_table
+from stablediff.training.encoded_dataset import EncodedDataset, caption_table
 
 
 @torch.no_grad()

@@ -55,10 +55,11 @@ class ResumeCheck:
             self.say(f"resuming step {self.step} with {change.describe()}{flag}")
         self.changes += changes
 
-    def restorable_meta(self, sampler) -> dict:
+    def restorable_meta(self, order) -> dict:
         """The checkpoint's meta to restore; after an allowed change of the data, seed or batching,
         the saved data order means nothing for the new data: the saved epoch starts over."""
-        saved, fresh = self.meta["sampler"], sampler.state_dict()
+        # Meta key "sampler" is the data order: the old spelling, kept so old checkpoints resume.
+        saved, fresh = self.meta["sampler"], order.state_dict()
         order_keys = (saved.keys() | fresh.keys()) - {"epoch", "position"}
         if all(saved.get(k) == fresh.get(k) for k in order_keys) or not self.allowed_changes():
             return self.meta

@@ -25,8 +25,8 @@ from stablediff.models.build import build_noise_scheduler, build_unet, count_par
 from stablediff.models.text_encoder import load_text_encoder
 from stablediff.training import state as train_state
 from stablediff.training.checkpointing import RunCheckpointer, find_resume, open_stores
-from stablediff.data.features import FeatureCache
-from stablediff.training.features import bucket_step, encode_dataset_cached
+from stablediff.data.feature_cache import FeatureCache
+from stablediff.training.encoded_dataset import bucket_step, encode_dataset_cached
 from stablediff.training.finished import completed_step, outputs_up_to_date
 from stablediff.training.metrics import MetricsLog
 from stablediff.training.resume_check import ResumeCheck, explain_load_errors, start_resume_check
@@ -232,11 +232,11 @@ def build_stage2(config: RunConfig, run_dir: Path, resume, metrics: MetricsLog |
     unet = build_unet(config.unet, latent_channels, latent_size, text_encoder.hidden_size)
     noise_scheduler = build_noise_scheduler(config.noise, config.train.prediction_type)
     state = make_train_state(unet, config.train, len(data), config.seed, dist_info.world_size, dist_info.rank,
-                             device, config.guard, bucket_ids=data.sampler_buckets)
+                             device, config.guard, bucket_ids=data.order_bucket_ids)
     state.extra = {"vae_scaling_factor": scaling_factor,
                    "vae_report": asdict(vae_report) if vae_report else None}
     if train_state.unet_resume(resume) is not None:
-        meta = check.restorable_meta(state.sampler) if check is not None else resume.meta
+        meta = check.restorable_meta(state.order) if check is not None else resume.meta
         train_state.restore(state, resume.tensors, meta, rank=dist_info.rank)
     capture = partial(capture_all_ranks, state, vae, config.model_dump(mode="json"), fingerprints, dist_info)
     return Stage2(vae, text_encoder, data, state, noise_scheduler, capture, vae_report, held_out,

@@ -9,7 +9,7 @@ content-addressed chunks):
   unet/*, ema/*    the UNet and its moving average
   optim/<i>/<key>  AdamW's per-parameter state (exp_avg, exp_avg_sq, step)
   rng/torch, rng/numpy, rng/cuda/<d>  the global generators' states
-JSON meta: stage, step and image counters, sampler position, optimizer param
+JSON meta: stage, step and image counters, data-order position, optimizer param
 groups, LR-schedule state, python's RNG state, the resolved config, the VAE
 report and the code/data fingerprints. Everything else in a run is a pure
 function of these (per-step randomness is seeded by (seed, step, rank)).
@@ -62,7 +62,7 @@ def capture(state, vae: torch.nn.Module | None, config_dump: dict, fingerprints:
         schema.STAGE: schema.UNET_STAGE,
         schema.STEP: state.step,
         "images_seen": state.images_seen,
-        "sampler": state.sampler.state_dict(),
+        "sampler": state.order.state_dict(),  # the data order; key spelled "sampler" so old checkpoints resume
         schema.OPTIMIZER_PARAM_GROUPS: optim["param_groups"],
         "lr_scheduler": _plain(state.lr_scheduler.state_dict()),
         schema.RNG_META: rng_meta,
@@ -110,7 +110,7 @@ def restore(state, tensors: dict[str, torch.Tensor], meta: dict, rank: int = 0) 
     state.ema.load_state_dict(schema.unprefixed(schema.EMA, tensors))
     state.optimizer.load_state_dict(_optimizer_state(schema.OPTIM, tensors, meta[schema.OPTIMIZER_PARAM_GROUPS]))
     state.lr_scheduler.load_state_dict(meta["lr_scheduler"])
-    state.sampler.load_state_dict(meta["sampler"])
+    state.order.load_state_dict(meta["sampler"])  # meta key "sampler" = the data order (old spelling, kept)
     state.step, state.images_seen = int(meta[schema.STEP]), int(meta["images_seen"])
     state.precision.load_state_dict(meta.get("grad_scaler") or {})
     if state.guard is not None and meta.get("guard"):

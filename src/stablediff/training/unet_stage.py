@@ -18,10 +18,10 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from stablediff.config.schema import DataConfig, GuardConfig, TrainConfig
-from stablediff.data.sampler import BucketBatchSampler, ResumableSampler, make_sampler
+from stablediff.data.order import BatchOrder, BucketBatchOrder, make_batch_order
 from stablediff.training.ema import EMA
 from stablediff.training.batches import draw_batch
-from stablediff.training.features import EncodedDataset
+from stablediff.training.encoded_dataset import EncodedDataset
 from stablediff.training.lr_schedule import lr_multiplier
 from stablediff.training.metrics import MetricsLog
 from stablediff.training.distributed import mean_over_ranks
@@ -37,7 +37,7 @@ class UNetTrainState:
     ema: EMA
     optimizer: torch.optim.Optimizer
     lr_scheduler: torch.optim.lr_scheduler.LambdaLR
-    sampler: ResumableSampler | BucketBatchSampler
+    order: BatchOrder | BucketBatchOrder  # the data order
     precision: Precision
     guard: DivergenceGuard | None = None
     model: torch.nn.Module | None = None  # what the loop calls: the UNet, or its DDP/compiled wrapper
@@ -46,7 +46,7 @@ class UNetTrainState:
     last_loss: float = float("nan")
     lr_scale: float = 1.0  # lowered by each divergence rollback; part of the checkpoint
     skipped_batches: int = 0  # batches rollbacks skipped: a step draws with (seed, step + this, rank); checkpointed
-    pending_skip: int = 0  # batches the sampler still has to pass over (set by a rollback, used at once)
+    pending_skip: int = 0  # batches the data order still has to pass over (set by a rollback, used at once)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -82,7 +82,7 @@ def make_train_state(unet: UNet2DConditionModel, cfg: TrainConfig, num_samples: 
     optimizer = make_optimizer(unet.parameters(), cfg.learning_rate, cfg.weight_decay)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(step, cfg.warmup_steps, cfg.max_steps, cfg.lr_schedule))
-    sampler = make_sampler(num_samples, seed, world_size, rank, bucket_ids)  # bucket_ids: one bucket per batch
+    order = make_batch_order(num_samples, seed, world_size, rank, bucket_ids)  # bucket_ids: one bucket per batch
     ema = EMA(unet, cfg.ema_decay, half_life_images=cfg.ema_half_life_images, warmup=cfg.ema_warmup)
     guard = None
     if guard_cfg is not None and guard_cfg.enabled:
@@ -90,7 +90,7 @@ def make_train_state(unet: UNet2DConditionModel, cfg: TrainConfig, num_samples: 
                                 min_history=guard_cfg.min_history, max_events=guard_cfg.max_events,
                                 within_steps=guard_cfg.within_steps)
     model = torch.compile(unet) if cfg.compile else unet
-    return UNetTrainState(unet, ema, optimizer, lr_scheduler, sampler, Precision.create(cfg.mixed_precision, device),
+    return UNetTrainState(unet, ema, optimizer, lr_scheduler, order, Precision.create(cfg.mixed_precision, device),
                           guard, model)
 
 
@@ -113,10 +113,10 @@ def train_unet(state: UNetTrainState, data: EncodedDataset, noise_scheduler: DDP
         while state.step < cfg.max_steps:
             t0 = time.perf_counter()
             for _ in range(state.pending_skip):  # after a rollback the data order moves on (PaLM)
-                state.sampler.next_batch(step_size)
+                state.order.next_batch(step_size)
             state.pending_skip = 0
             draw_step = state.step + state.skipped_batches  # and so do the step's random draws
-            indices = torch.from_numpy(state.sampler.next_batch(step_size))
+            indices = torch.from_numpy(state.order.next_batch(step_size))
             latents, text_embeddings = draw_batch(data, indices, scaling_factor, data_cfg.caption_dropout, seed,
                                                   draw_step, rank, data_cfg.flip_probability)
             noise, timesteps = draw_noise(latents, noise_scheduler.config.num_train_timesteps, cfg, seed,

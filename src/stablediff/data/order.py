@@ -1,4 +1,4 @@
-"""A deterministic, resumable, distributed-aware sampler.
+"""The data order: which samples each step reads; deterministic, resumable, distributed-aware.
 
 The order of samples is a pure function of (seed, epoch, world_size, rank): the
 same arguments always give the same indices, so a run resumed at position k of
@@ -6,7 +6,7 @@ an epoch sees exactly the batches an uninterrupted run would have seen. The
 position is counted in *global* samples (all ranks together), which is what
 lets a run saved with 2 ranks resume on 1 and the other way round.
 
-`BucketBatchSampler` does the same for aspect-ratio buckets, one bucket per batch.
+`BucketBatchOrder` does the same for aspect-ratio buckets, one bucket per batch.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def rank_indices(order: np.ndarray, start: int, world_size: int, rank: int) -> n
 
 
 @dataclass
-class ResumableSampler:
+class BatchOrder:
     """Yields dataset indices for one rank, epoch after epoch, and remembers where it is.
 
     `position` counts global samples consumed in the current epoch; each rank
@@ -49,7 +49,7 @@ class ResumableSampler:
 
     def __post_init__(self) -> None:
         if self.num_samples <= 0:
-            raise ValueError("the sampler needs at least one sample; the dataset is empty")
+            raise ValueError("the data order needs at least one sample; the dataset is empty")
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is outside world size {self.world_size}")
 
@@ -93,7 +93,7 @@ class ResumableSampler:
 
 
 @dataclass
-class BucketBatchSampler:
+class BucketBatchOrder:
     """Batches of one aspect-ratio bucket each, for one rank, resumable and re-partitionable.
 
     Each epoch's global list of batches is `buckets.bucket_batches(bucket_ids,
@@ -117,7 +117,7 @@ class BucketBatchSampler:
 
     def __post_init__(self) -> None:
         if not len(self.bucket_ids):
-            raise ValueError("the sampler needs at least one sample; the dataset is empty")
+            raise ValueError("the data order needs at least one sample; the dataset is empty")
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is outside world size {self.world_size}")
         self.bucket_ids = [int(b) for b in self.bucket_ids]
@@ -181,11 +181,11 @@ def buckets_hash(bucket_ids: Sequence[int]) -> str:
     return hashlib.blake2b(np.asarray(bucket_ids, dtype=np.int64).tobytes(), digest_size=8).hexdigest()
 
 
-def make_sampler(num_samples: int, seed: int, world_size: int = 1, rank: int = 0,
-                 bucket_ids: Sequence[int] | None = None) -> ResumableSampler | BucketBatchSampler:
+def make_batch_order(num_samples: int, seed: int, world_size: int = 1, rank: int = 0,
+                 bucket_ids: Sequence[int] | None = None) -> BatchOrder | BucketBatchOrder:
     """Batches of one bucket when the data is bucketed (`bucket_ids` given), else plain shuffled samples."""
     if bucket_ids is None:
-        return ResumableSampler(num_samples, seed=seed, world_size=world_size, rank=rank)
+        return BatchOrder(num_samples, seed=seed, world_size=world_size, rank=rank)
     if len(bucket_ids) != num_samples:
         raise ValueError(f"{len(bucket_ids)} bucket ids for {num_samples} samples")
-    return BucketBatchSampler(bucket_ids, seed=seed, world_size=world_size, rank=rank)
+    return BucketBatchOrder(bucket_ids, seed=seed, world_size=world_size, rank=rank)

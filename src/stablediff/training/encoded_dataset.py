@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 from diffusers import AutoencoderKL
 
-from stablediff.data.encoding import EncodeCounts, encode_all
-from stablediff.data.features import FeatureCache, vae_fingerprint
+from stablediff.data.cache_fill import EncodeCounts, encode_all
+from stablediff.data.feature_cache import FeatureCache, vae_fingerprint
 from stablediff.data.loading import FramedImages
 from stablediff.models.build import vae_folder
 from stablediff.models.text_encoder import TextEncoder
@@ -43,7 +43,7 @@ class EncodedDataset:
     row_of: torch.Tensor  # (N,) long: each sample's row within its bucket
     embeddings: torch.Tensor  # (U, L, D): row 0 is the empty caption (for CFG dropout)
     caption_ids: list[list[int]]  # per sample, rows of `embeddings` it may be captioned with
-    bucketed: bool = False  # batches must be drawn one bucket at a time (`BucketBatchSampler`)
+    bucketed: bool = False  # batches must be drawn one bucket at a time (`BucketBatchOrder`)
 
     @classmethod
     def single(cls, latent_mean: torch.Tensor, latent_std: torch.Tensor, embeddings: torch.Tensor,
@@ -60,8 +60,8 @@ class EncodedDataset:
         return len(self.caption_ids)
 
     @property
-    def sampler_buckets(self) -> list[int] | None:
-        """Each sample's bucket, for `make_sampler`; None when batches may mix samples freely."""
+    def order_bucket_ids(self) -> list[int] | None:
+        """Each sample's bucket, for `make_batch_order`; None when batches may mix samples freely."""
         return self.bucket_of.tolist() if self.bucketed else None
 
     @property

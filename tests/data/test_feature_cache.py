@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stablediff.data.features import (
+from stablediff.data.feature_cache import (
     FeatureCache,
     FeatureCacheError,
     FeatureCacheWarning,
@@ -22,7 +22,7 @@ from stablediff.data.features import (
     shard_name,
     vae_fingerprint,
 )
-from stablediff.data.encoding import encode_all
+from stablediff.data.cache_fill import encode_all
 from stablediff.models.text_encoder import load_text_encoder
 
 from ._cache_writer_proc import SHARD_SIZE, TRANSFORM_ID, fill, sample_images, tiny_vae

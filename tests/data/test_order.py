@@ -1,30 +1,30 @@
-"""The samplers: pure functions of (seed, epoch, world size, rank), resumable at any position.
+"""The data orders: pure functions of (seed, epoch, world size, rank), resumable at any position.
 
-`BucketBatchSampler` adds: every batch holds one aspect-ratio bucket.
+`BucketBatchOrder` adds: every batch holds one aspect-ratio bucket.
 """
 
 import numpy as np
 import pytest
 
-from stablediff.data.sampler import BucketBatchSampler, ResumableSampler, make_sampler
+from stablediff.data.order import BatchOrder, BucketBatchOrder, make_batch_order
 
 
-def draw(sampler, batches, batch_size):
-    return [sampler.next_batch(batch_size).tolist() for _ in range(batches)]
+def draw(order, batches, batch_size):
+    return [order.next_batch(batch_size).tolist() for _ in range(batches)]
 
 
 def test_same_seed_same_order_different_seed_different_order():
-    a = draw(ResumableSampler(50, seed=1), 5, 8)
-    b = draw(ResumableSampler(50, seed=1), 5, 8)
-    c = draw(ResumableSampler(50, seed=2), 5, 8)
+    a = draw(BatchOrder(50, seed=1), 5, 8)
+    b = draw(BatchOrder(50, seed=1), 5, 8)
+    c = draw(BatchOrder(50, seed=2), 5, 8)
     assert a == b and a != c
 
 
 def test_an_epoch_visits_every_sample_once():
-    sampler = ResumableSampler(40, seed=3)
-    seen = np.concatenate([sampler.next_batch(8) for _ in range(5)])
+    order = BatchOrder(40, seed=3)
+    seen = np.concatenate([order.next_batch(8) for _ in range(5)])
     assert sorted(seen.tolist()) == list(range(40))
-    assert sampler.epoch == 0 and sampler.position == 40
+    assert order.epoch == 0 and order.position == 40
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
@@ -33,13 +33,13 @@ def test_resume_at_any_batch_continues_the_same_sequence(world_size, stop_at):
     def run(resume_at):
         out = []
         for rank in range(world_size):
-            sampler = ResumableSampler(37, seed=5, world_size=world_size, rank=rank)
-            seq = draw(sampler, resume_at, 4)
+            order = BatchOrder(37, seed=5, world_size=world_size, rank=rank)
+            seq = draw(order, resume_at, 4)
             if resume_at:
-                state = sampler.state_dict()
-                sampler = ResumableSampler(37, seed=5, world_size=world_size, rank=rank)
-                sampler.load_state_dict(state)
-            seq += draw(sampler, 15 - resume_at, 4)
+                state = order.state_dict()
+                order = BatchOrder(37, seed=5, world_size=world_size, rank=rank)
+                order.load_state_dict(state)
+            seq += draw(order, 15 - resume_at, 4)
             out.append(seq)
         return out
 
@@ -47,17 +47,17 @@ def test_resume_at_any_batch_continues_the_same_sequence(world_size, stop_at):
 
 
 def test_two_ranks_read_disjoint_shards():
-    r0 = ResumableSampler(20, seed=0, world_size=2, rank=0).next_batch(10)
-    r1 = ResumableSampler(20, seed=0, world_size=2, rank=1).next_batch(10)
+    r0 = BatchOrder(20, seed=0, world_size=2, rank=0).next_batch(10)
+    r1 = BatchOrder(20, seed=0, world_size=2, rank=1).next_batch(10)
     assert not set(r0) & set(r1) and len(set(r0) | set(r1)) == 20
 
 
 def test_state_from_two_ranks_resumes_on_one():
-    ranks = [ResumableSampler(40, seed=9, world_size=2, rank=r) for r in range(2)]
+    ranks = [BatchOrder(40, seed=9, world_size=2, rank=r) for r in range(2)]
     consumed = set()
-    for sampler in ranks:
-        consumed |= set(sampler.next_batch(6).tolist())
-    single = ResumableSampler(40, seed=9, world_size=1, rank=0)
+    for order in ranks:
+        consumed |= set(order.next_batch(6).tolist())
+    single = BatchOrder(40, seed=9, world_size=1, rank=0)
     single.load_state_dict(ranks[0].state_dict())
     rest = single.next_batch(28).tolist()
     assert set(rest) == set(range(40)) - consumed
@@ -65,9 +65,9 @@ def test_state_from_two_ranks_resumes_on_one():
 
 
 def test_resuming_with_other_data_is_refused():
-    sampler = ResumableSampler(10, seed=0)
+    order = BatchOrder(10, seed=0)
     with pytest.raises(ValueError, match="same data and seed"):
-        sampler.load_state_dict(ResumableSampler(11, seed=0).state_dict())
+        order.load_state_dict(BatchOrder(11, seed=0).state_dict())
 
 
 # 45 samples in three buckets of uneven sizes: each bucket ends in a short batch.
@@ -75,7 +75,7 @@ BUCKET_IDS = [0] * 20 + [1] * 14 + [2] * 11
 
 
 def bucketed(world_size=1, rank=0, seed=4):
-    return BucketBatchSampler(BUCKET_IDS, seed=seed, world_size=world_size, rank=rank)
+    return BucketBatchOrder(BUCKET_IDS, seed=seed, world_size=world_size, rank=rank)
 
 
 def test_every_bucketed_batch_holds_one_bucket():
@@ -85,10 +85,10 @@ def test_every_bucketed_batch_holds_one_bucket():
 
 
 def test_a_bucketed_epoch_visits_every_sample_once():
-    sampler = bucketed()
+    order = bucketed()
     seen = []
-    while sampler.epoch == 0:
-        seen += sampler.next_batch(4).tolist()
+    while order.epoch == 0:
+        seen += order.next_batch(4).tolist()
     assert sorted(seen[: len(BUCKET_IDS)]) == list(range(len(BUCKET_IDS)))
 
 
@@ -105,13 +105,13 @@ def test_bucketed_resume_mid_epoch_continues_the_same_sequence(world_size, stop_
     def run(resume_at):
         out = []
         for rank in range(world_size):
-            sampler = bucketed(world_size, rank)
-            seq = draw(sampler, resume_at, 4)
+            order = bucketed(world_size, rank)
+            seq = draw(order, resume_at, 4)
             if resume_at:
-                state = sampler.state_dict()
-                sampler = bucketed(world_size, rank)
-                sampler.load_state_dict(state)
-            seq += draw(sampler, 20 - resume_at, 4)
+                state = order.state_dict()
+                order = bucketed(world_size, rank)
+                order.load_state_dict(state)
+            seq += draw(order, 20 - resume_at, 4)
             out.append(seq)
         return out
 
@@ -125,7 +125,7 @@ def test_bucketed_ranks_read_different_batches():
 
 def test_bucketed_state_from_two_ranks_resumes_on_one_covering_each_sample_once():
     ranks = [bucketed(2, rank) for rank in range(2)]
-    consumed = [i for sampler in ranks for batch in draw(sampler, 3, 4) for i in batch]  # 3 global steps
+    consumed = [i for order in ranks for batch in draw(order, 3, 4) for i in batch]  # 3 global steps
     single = bucketed(1, 0)
     single.load_state_dict(ranks[1].state_dict())
     rest = []
@@ -136,22 +136,22 @@ def test_bucketed_state_from_two_ranks_resumes_on_one_covering_each_sample_once(
 
 
 def test_bucketed_resume_refuses_another_batch_size_or_bucketing():
-    sampler = bucketed()
-    sampler.next_batch(4)
-    state = sampler.state_dict()
+    order = bucketed()
+    order.next_batch(4)
+    state = order.state_dict()
     resumed = bucketed()
     resumed.load_state_dict(state)
     with pytest.raises(ValueError, match="train.batch_size"):
         resumed.next_batch(8)
-    other = BucketBatchSampler([0] * 45, seed=4)
+    other = BucketBatchOrder([0] * 45, seed=4)
     with pytest.raises(ValueError, match="data.buckets"):
         other.load_state_dict(state)
     with pytest.raises(ValueError, match="data.buckets"):
-        ResumableSampler(45, seed=4).load_state_dict(state)
+        BatchOrder(45, seed=4).load_state_dict(state)
     with pytest.raises(ValueError, match="data.buckets"):
-        bucketed().load_state_dict(ResumableSampler(45, seed=4).state_dict())
+        bucketed().load_state_dict(BatchOrder(45, seed=4).state_dict())
 
 
-def test_make_sampler_buckets_only_when_given_bucket_ids():
-    assert isinstance(make_sampler(45, 0), ResumableSampler)
-    assert isinstance(make_sampler(45, 0, bucket_ids=BUCKET_IDS), BucketBatchSampler)
+def test_make_batch_order_buckets_only_when_given_bucket_ids():
+    assert isinstance(make_batch_order(45, 0), BatchOrder)
+    assert isinstance(make_batch_order(45, 0, bucket_ids=BUCKET_IDS), BucketBatchOrder)

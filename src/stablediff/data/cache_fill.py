@@ -1,7 +1,7 @@
 """Fill the feature cache: encode only what is not cached yet, in fixed batches, resumably.
 
 `encode_all` is what `stablediff data cache` and the start of training run; the
-stores it fills are in `features.py`.
+stores it fills are in `feature_cache.py`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from stablediff.data.features import FeatureCache, LatentStore, TextStore
+from stablediff.data.feature_cache import FeatureCache, LatentStore, TextStore
 from stablediff.data.ingest import chunks
 
 

@@ -6,15 +6,15 @@ import torch
 from stablediff.config import load_config
 from stablediff.data.digits import load_digits
 from stablediff.data.buckets import resolve_buckets
-from stablediff.data.features import FeatureCache
+from stablediff.data.feature_cache import FeatureCache
 from stablediff.data.framing import Framing
 from stablediff.data.loading import FramedImages, load_captioned_images
-from stablediff.data.sampler import BucketBatchSampler
+from stablediff.data.order import BucketBatchOrder
 from stablediff.data.validate import content_hash
 from stablediff.models.build import build_vae
 from stablediff.models.text_encoder import load_text_encoder
 from stablediff.training.batches import draw_batch
-from stablediff.training.features import bucket_step, encode_dataset, encode_dataset_cached
+from stablediff.training.encoded_dataset import bucket_step, encode_dataset, encode_dataset_cached
 from stablediff.data.transforms import pixels_to_tensor
 
 from tests.data.corpus import build_mixed_aspect_folder
@@ -87,9 +87,9 @@ def test_bucketed_cached_training_matches_encoding_on_the_fly(parts, bucketed, t
         width, height = a.size
         assert a.mean.shape[0] == 2 and a.mean.shape[-2:] == (height // 2, width // 2)  # the tiny VAE halves
         assert torch.allclose(a.mean, b.mean, atol=1e-5) and torch.allclose(a.flip_std, b.flip_std, atol=1e-5)
-    sampler = BucketBatchSampler(cached.sampler_buckets, seed=0)
+    order = BucketBatchOrder(cached.order_bucket_ids, seed=0)
     for step in range(6):
-        indices = torch.from_numpy(sampler.next_batch(4))
+        indices = torch.from_numpy(order.next_batch(4))
         for x, y in zip(draw_batch(direct, indices, 0.5, 0.1, 0, step, 0, 0.5),
                         draw_batch(cached, indices, 0.5, 0.1, 0, step, 0, 0.5)):
             assert torch.allclose(x, y, atol=1e-5)
