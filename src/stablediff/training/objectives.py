@@ -13,6 +13,8 @@ from typing import Sequence
 import torch
 from diffusers import DDPMScheduler
 
+from stablediff.errors import ConfigError
+
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 LOSS_WEIGHTINGS = ("uniform", "min_snr")
@@ -32,12 +34,12 @@ def make_noise_scheduler(num_train_timesteps: int = 1000, beta_schedule: str = "
     so inference schedulers built from it start at t = T.
     """
     if beta_schedule not in BETA_SCHEDULES:
-        raise ValueError(f"noise.beta_schedule {beta_schedule!r} is not supported; use one of {BETA_SCHEDULES}")
+        raise ConfigError(f"noise.beta_schedule {beta_schedule!r} is not supported; use one of {BETA_SCHEDULES}")
     _check_prediction_type(prediction_type)
     if rescale_zero_terminal_snr and prediction_type == "epsilon":
-        raise ValueError("noise.rescale_zero_terminal_snr needs train.prediction_type v_prediction (or sample): "
-                         "at zero terminal SNR an epsilon model cannot recover the image at t = T "
-                         "(Lin et al. 2023). Set train.prediction_type=v_prediction.")
+        raise ConfigError("noise.rescale_zero_terminal_snr needs train.prediction_type v_prediction (or sample): "
+                          "at zero terminal SNR an epsilon model cannot recover the image at t = T "
+                          "(Lin et al. 2023). Set train.prediction_type=v_prediction.")
     return DDPMScheduler(
         num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, beta_start=beta_start,
         beta_end=beta_end, prediction_type=prediction_type, clip_sample=False, steps_offset=1,
@@ -56,7 +58,7 @@ def training_target(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torc
         return scheduler.get_velocity(latents, noise, timesteps)
     if prediction_type == "sample":
         return latents
-    raise ValueError(f"unknown prediction_type {prediction_type!r}; use epsilon, v_prediction or sample")
+    raise ConfigError(f"unknown prediction_type {prediction_type!r}; use epsilon, v_prediction or sample")
 
 
 def snr(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
@@ -79,9 +81,9 @@ def loss_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, prediction_t
     if weighting == "uniform":
         return torch.ones(timesteps.shape, dtype=torch.float32, device=timesteps.device)
     if weighting != "min_snr":
-        raise ValueError(f"train.loss_weighting {weighting!r} is not supported; use one of {LOSS_WEIGHTINGS}")
+        raise ConfigError(f"train.loss_weighting {weighting!r} is not supported; use one of {LOSS_WEIGHTINGS}")
     if snr_gamma <= 0:
-        raise ValueError(f"train.snr_gamma must be positive (5.0 is the paper's choice), got {snr_gamma}")
+        raise ConfigError(f"train.snr_gamma must be positive (5.0 is the paper's choice), got {snr_gamma}")
     ratio = snr(scheduler, timesteps)
     clipped = ratio.clamp(max=snr_gamma)
     if prediction_type == "sample":
@@ -97,7 +99,7 @@ def offset_noise(noise: torch.Tensor, offset: float, generator: torch.Generator)
     (Guttenberg 2023, crosslabs "Diffusion with Offset Noise"): lets the model learn to
     change an image's mean brightness, i.e. produce very dark or bright images. 0 disables."""
     if offset < 0:
-        raise ValueError(f"train.noise_offset must be >= 0 (0.05-0.1 is typical), got {offset}")
+        raise ConfigError(f"train.noise_offset must be >= 0 (0.05-0.1 is typical), got {offset}")
     if offset == 0:
         return noise
     batch, channels = noise.shape[:2]
@@ -117,9 +119,9 @@ def sample_timesteps(batch_size: int, num_train_timesteps: int, generator: torch
     if method == "uniform":
         return torch.randint(0, num_train_timesteps, (batch_size,), generator=generator, device=generator.device)
     if method != "logit_normal":
-        raise ValueError(f"train.timestep_sampling {method!r} is not supported; use one of {TIMESTEP_SAMPLINGS}")
+        raise ConfigError(f"train.timestep_sampling {method!r} is not supported; use one of {TIMESTEP_SAMPLINGS}")
     if logit_std <= 0:
-        raise ValueError(f"train.logit_std must be positive (1.0 is SD3's choice), got {logit_std}")
+        raise ConfigError(f"train.logit_std must be positive (1.0 is SD3's choice), got {logit_std}")
     normal = torch.randn((batch_size,), generator=generator, device=generator.device, dtype=torch.float64)
     u = torch.sigmoid(logit_mean + logit_std * normal)
     return (u * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
@@ -154,16 +156,16 @@ def diffusion_loss(unet: torch.nn.Module, scheduler: DDPMScheduler, latents: tor
 def evenly_spaced_timesteps(count: int, num_train_timesteps: int) -> tuple[int, ...]:
     """`count` timesteps at the centres of equal slices of [0, T): 5 of 1000 -> 100, 300, ..., 900."""
     if not 1 <= count <= num_train_timesteps:
-        raise ValueError(f"asked for {count} evenly spaced timesteps; choose 1 to {num_train_timesteps}")
+        raise ConfigError(f"asked for {count} evenly spaced timesteps; choose 1 to {num_train_timesteps}")
     return tuple(int((2 * i + 1) * num_train_timesteps // (2 * count)) for i in range(count))
 
 
 def check_timesteps(timesteps: Sequence[int], num_train_timesteps: int) -> None:
     bad = [t for t in timesteps if not 0 <= int(t) < num_train_timesteps]
     if bad:
-        raise ValueError(f"timesteps {bad} are outside [0, {num_train_timesteps}); pick values in that range")
+        raise ConfigError(f"timesteps {bad} are outside [0, {num_train_timesteps}); pick values in that range")
 
 
 def _check_prediction_type(prediction_type: str) -> None:
     if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"train.prediction_type {prediction_type!r} is not supported; use one of {PREDICTION_TYPES}")
+        raise ConfigError(f"train.prediction_type {prediction_type!r} is not supported; use one of {PREDICTION_TYPES}")
