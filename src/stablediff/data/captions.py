@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from stablediff.errors import ConfigError
+
 
 class RandomLike(Protocol):
     def random(self) -> float: ...
@@ -19,7 +21,7 @@ def caption_dropout(caption: str, probability: float, rng: RandomLike) -> str:
     """"" with `probability`, else the caption: trains the unconditional branch that
     classifier-free guidance needs (Ho & Salimans 2022; SD used p = 0.1)."""
     if not 0.0 <= probability <= 1.0:
-        raise ValueError(f"caption dropout probability must be in [0, 1], got {probability}")
+        raise ConfigError(f"caption dropout probability must be in [0, 1], got {probability}")
     return "" if probability > 0 and rng.random() < probability else caption
 
 
