@@ -131,7 +131,6 @@ class Stage2:
 def run_training(config: RunConfig, run_dir: Path, fresh: bool = False, trust_pickle: bool = False,
                  allow_config_change: bool = False) -> RunResult:
     """A whole run; under torchrun every rank calls this and rank 0 writes the run directory."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     dist_info = distributed.from_environment()
