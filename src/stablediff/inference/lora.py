@@ -149,11 +149,11 @@ def apply_loras(pipe, specs: list[LoraSpec]) -> None:
 
 
 def _load_one(pipe, path: Path, name: str) -> None:
-    from diffusers.utils import logging as diffusers_logging
+    from stablediff.models.quiet import quiet_hf_libraries
 
     state = read_lora(path)
     check_lora_fits(pipe, state, path)
-    diffusers_logging.set_verbosity_error()  # "no text-encoder keys" and peft's per-adapter key notes
-    with warnings.catch_warnings():
+    # quiet: "no text-encoder keys" and peft's per-adapter key notes, for this load only
+    with quiet_hf_libraries(), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # peft: "multiple adapters" is exactly what we want
         pipe.load_lora_weights(state, adapter_name=name)
