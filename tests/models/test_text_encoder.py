@@ -50,3 +50,21 @@ def test_matches_diffusers_prompt_encoding(encoder):
 def test_missing_local_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_text_encoder(str(tmp_path))
+
+
+def test_loading_leaves_the_environment_and_log_levels_as_they_were(monkeypatch):
+    from transformers.utils import logging as hf_logging
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # conftest sets it; a library must not
+    before = dict(os.environ)
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_info()
+    hf_logging.enable_progress_bar()
+    try:
+        load_text_encoder("minilm", max_length=12)
+        assert dict(os.environ) == before
+        assert hf_logging.get_verbosity() == hf_logging.INFO
+        assert hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.set_verbosity(level)
+        (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()

@@ -25,6 +25,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from stablediff.errors import NotAFolderError, UserError
+
 LOCK_NAME = ".lock"
 # A holder writes its JSON right after taking the flock; a refused process that finds
 # the file still empty (or being emptied by a release) looks again for this long.
@@ -105,7 +107,7 @@ def _short_time(iso: str) -> str:
     return when.strftime("%H:%M" if when.date() == dt.date.today() else "%Y-%m-%d %H:%M")
 
 
-class RunDirInUse(RuntimeError):
+class RunDirInUse(UserError, RuntimeError):
     """Another live process holds the run directory's lock."""
 
     def __init__(self, run_dir: Path, holder: LockHolder | None, hint: str):
@@ -157,8 +159,8 @@ class RunLock:
 
     def _open(self) -> int:
         if self.run_dir.exists() and not self.run_dir.is_dir():
-            raise NotADirectoryError(f"{self.run_dir} is a file, not a directory: a run directory is a folder. "
-                                     "Remove the file or pass another --run-dir")
+            raise NotAFolderError(f"{self.run_dir} is a file, not a directory: a run directory is a folder. "
+                                  "Remove the file or pass another --run-dir")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
 

@@ -20,6 +20,8 @@ from .lineage import abandoned_chunk_refs, rollback_targets
 from .manifest import ManifestSummary
 from .retention_guard import guard_deletions
 
+from stablediff.errors import ConfigError
+
 if TYPE_CHECKING:
     from .store import CheckpointStore
 
@@ -43,16 +45,16 @@ class RetentionPolicy:
 
     def __post_init__(self) -> None:
         if self.keep_last < 2:
-            raise ValueError(
+            raise ConfigError(
                 f"retention keep_last must be at least 2 (got {self.keep_last}): with one, a save "
                 f"interrupted after retention ran could leave no loadable checkpoint"
             )
         if self.keep_best < 0:
-            raise ValueError(f"retention keep_best must be 0 or more, got {self.keep_best}")
+            raise ConfigError(f"retention keep_best must be 0 or more, got {self.keep_best}")
         if self.best_mode not in ("min", "max"):
-            raise ValueError(f"retention best_mode must be 'min' or 'max', got {self.best_mode!r}")
+            raise ConfigError(f"retention best_mode must be 'min' or 'max', got {self.best_mode!r}")
         if self.keep_every is not None and self.keep_every <= 0:
-            raise ValueError(f"retention keep_every must be a positive step count or None, got {self.keep_every}")
+            raise ConfigError(f"retention keep_every must be a positive step count or None, got {self.keep_every}")
 
     def apply(self, store: CheckpointStore, grace_s: float = 0.0) -> RetentionReport:
         """Delete the manifests this policy drops, then collect their chunks.

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from stablediff.checkpoint import DEFAULT_GC_GRACE_S, CheckpointStore, gc, repair
 from stablediff.cli import ckpt_models
-from stablediff.cli.errors import UserError
+from stablediff.errors import UserError
 from stablediff.cli.locking import store_locked
 from stablediff.cli.options import trust_pickle_option
 from stablediff.run_schema import BULKY_META, group_of

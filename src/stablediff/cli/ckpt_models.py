@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from stablediff.cli.errors import UserError
+from stablediff.errors import UserError
 from stablediff.cli.options import trust_pickle_option
 from stablediff.io.pickle_guard import MODEL_FILE_SUFFIXES
 

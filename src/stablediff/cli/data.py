@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from stablediff.cli.errors import UserError
+from stablediff.errors import UserError
 from stablediff.cli.locking import run_dir_locked
 from stablediff.cli.options import config_options, resolve_run, trust_pickle_option
 from stablediff.cli.preflight import check_run_inputs

@@ -17,7 +17,7 @@ import click
 from stablediff.checkpoint import CheckpointStore
 from stablediff.checkpoint.lock import RunDirInUse, RunLock
 from stablediff.checkpoint.ownership import StoreOwnedByAnotherRun, claim, read_owner, run_owner
-from stablediff.cli.errors import UserError
+from stablediff.errors import UserError
 
 RUN_DIR_HINT = "wait for it or pass another --run-dir"
 CKPT_HINT = "wait for it to finish (or stop it), then run this command again"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stablediff.cli.errors import UserError
+from stablediff.errors import UserError
 
 
 def check_folder_target(path: Path, what: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from stablediff.checkpoint.lock import has_run_content
-from stablediff.cli.errors import UserError
+from stablediff.errors import UserError
 from stablediff.cli.locking import claim_run_stores, run_dir_locked
 from stablediff.cli.options import allow_config_change_option, config_options, resolve_run, trust_pickle_option
 from stablediff.cli.preflight import check_run_inputs
@@ -30,13 +30,10 @@ def train(config_name: str, run_dir, overrides, fresh: bool, trust_pickle: bool,
 
 def _train(config, run_dir, fresh: bool, trust_pickle: bool, allow_config_change: bool) -> None:
     from stablediff.training.run import run_training
-    from stablediff.training.unet_stage import TrainingDiverged
 
-    try:
-        result = run_training(config, run_dir, fresh=fresh, trust_pickle=trust_pickle,
-                              allow_config_change=allow_config_change)
-    except TrainingDiverged as exc:
-        raise UserError(str(exc)) from None
+    # A diverged run raises TrainingDiverged, a UserError: run_cli tells it in one paragraph.
+    result = run_training(config, run_dir, fresh=fresh, trust_pickle=trust_pickle,
+                          allow_config_change=allow_config_change)
     if result is None:  # a torchrun rank other than 0: rank 0 reports
         return
     if result.complete_at is not None:

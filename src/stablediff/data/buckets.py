@@ -16,6 +16,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from stablediff.errors import ConfigError
+
 Bucket = tuple[int, int]  # (width, height)
 
 
@@ -84,14 +86,14 @@ def resolve_buckets(spec: str | Sequence[Sequence[int]] | None, resolution: int,
         return None
     if isinstance(spec, str):
         if spec != "auto":
-            raise ValueError(f"data.buckets: {spec!r} is neither 'auto' nor a list of [width, height] pairs")
+            raise ConfigError(f"data.buckets: {spec!r} is neither 'auto' nor a list of [width, height] pairs")
         low = max(step, resolution // 2 // step * step)
         high = max(low, 2 * resolution // step * step)
         return make_buckets((resolution, resolution), min_side=low, max_side=high, step=step)
     buckets = sorted({(int(w), int(h)) for w, h in spec}, key=lambda b: (b[0] / b[1], b[0]))
     bad = [f"{w}x{h}" for w, h in buckets if w % step or h % step or w <= 0 or h <= 0]
     if bad or not buckets:
-        raise ValueError(f"data.buckets: every side must be a positive multiple of {step} (8 x the VAE's "
-                         f"downscale, so latents fit the UNet); {', '.join(bad) or 'an empty list'} "
-                         f"is not. Round them, or use data.buckets: auto")
+        raise ConfigError(f"data.buckets: every side must be a positive multiple of {step} (8 x the VAE's "
+                          f"downscale, so latents fit the UNet); {', '.join(bad) or 'an empty list'} "
+                          f"is not. Round them, or use data.buckets: auto")
     return buckets

@@ -41,6 +41,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from stablediff.io.atomic import is_temp, replace_atomic
+from stablediff.errors import DataError
 
 try:  # POSIX; elsewhere writers are not serialised (one writer per namespace, as documented)
     import fcntl
@@ -61,7 +62,7 @@ FINGERPRINT_IGNORED_CONFIG = frozenset({"scaling_factor", "shift_factor"})
 _SAFE_COMPONENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,79}")
 
 
-class FeatureCacheError(ValueError):
+class FeatureCacheError(DataError):
     """The cache cannot answer a request; the message says what to do."""
 
 

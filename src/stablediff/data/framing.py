@@ -27,6 +27,7 @@ from PIL import Image
 
 from stablediff.data.buckets import Bucket, nearest_bucket
 from stablediff.data.transforms import crop_box, resize_to_cover
+from stablediff.errors import ConfigError
 
 CropMode = Literal["center", "random"]
 
@@ -44,10 +45,10 @@ class Framing:
         if not self.sizes:
             raise ValueError("a framing needs at least one bucket size")
         if self.crop not in ("center", "random"):
-            raise ValueError(f"data.crop must be 'center' or 'random', got {self.crop!r}")
+            raise ConfigError(f"data.crop must be 'center' or 'random', got {self.crop!r}")
         if self.variants < 1 or (self.crop == "center" and self.variants != 1):
-            raise ValueError(f"data.crop_variants = {self.variants}: a centre crop has exactly 1 variant; "
-                             "set data.crop: random for more")
+            raise ConfigError(f"data.crop_variants = {self.variants}: a centre crop has exactly 1 variant; "
+                              "set data.crop: random for more")
 
     @classmethod
     def square(cls, resolution: int, crop: CropMode = "center", variants: int = 1, seed: int = 0) -> Framing:

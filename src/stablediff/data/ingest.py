@@ -31,6 +31,7 @@ from stablediff.data.framing import Framing, center_square
 from stablediff.data.sources.base import RawSample
 from stablediff.data.transforms import upright_rgb
 from stablediff.data.validate import ValidationConfig, Validator, Verdict, judge_image
+from stablediff.errors import ConfigError
 
 T = TypeVar("T")
 
@@ -89,7 +90,7 @@ def ingest(samples: Iterable[RawSample], validator: Validator, task: IngestTask,
     Stop early by closing the iterator (a `break`): unfinished work is cancelled.
     """
     if num_workers < 0:
-        raise ValueError(f"data.num_workers must be 0 or more, got {num_workers}")
+        raise ConfigError(f"data.num_workers must be 0 or more, got {num_workers}")
     if num_workers == 0:
         for sample in samples:
             verdict = validator.judge(sample)

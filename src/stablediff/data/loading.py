@@ -33,6 +33,7 @@ from stablediff.data.validate import (
     check_reject_fraction,
     content_hash,
 )
+from stablediff.errors import DataError
 
 HELD_OUT_EVERY = 20
 
@@ -116,7 +117,7 @@ def load_captioned_images(spec: str, resolution: int, run_dir: Path, max_reject_
                 break
     check_reject_fraction(dict(validator.rejects), validator.total, max_reject_fraction, quarantine.path)
     if not squares:
-        raise ValueError(f"data.source {spec!r}: no usable training samples")
+        raise DataError(f"data.source {spec!r}: no usable training samples")
     images = pixels_to_tensor(np.stack(squares))
     held_out = pixels_to_tensor(np.stack(held)) if held else images[:1]
     held_captions = held_captions if held else captions[0][:1]

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from stablediff.data.buckets import bucket_batches
+from stablediff.errors import ConfigError, DataError
 
 
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
@@ -49,7 +50,7 @@ class BatchOrder:
 
     def __post_init__(self) -> None:
         if self.num_samples <= 0:
-            raise ValueError("the data order needs at least one sample; the dataset is empty")
+            raise DataError("the data order needs at least one sample; the dataset is empty")
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is outside world size {self.world_size}")
 
@@ -77,11 +78,11 @@ class BatchOrder:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("kind") == "buckets":
-            raise ValueError("cannot resume the data order: the checkpoint was made with data.buckets and this "
-                             "run does not bucket its data. Resume with the same data.buckets, or start a "
-                             "fresh run directory.")
+            raise ConfigError("cannot resume the data order: the checkpoint was made with data.buckets and this "
+                              "run does not bucket its data. Resume with the same data.buckets, or start a "
+                              "fresh run directory.")
         if state["num_samples"] != self.num_samples or state["seed"] != self.seed:
-            raise ValueError(
+            raise ConfigError(
                 f"cannot resume the data order: the checkpoint was made with "
                 f"{state['num_samples']} samples and seed {state['seed']}, this run has "
                 f"{self.num_samples} samples and seed {self.seed}. Use the same data and seed, "
@@ -117,7 +118,7 @@ class BucketBatchOrder:
 
     def __post_init__(self) -> None:
         if not len(self.bucket_ids):
-            raise ValueError("the data order needs at least one sample; the dataset is empty")
+            raise DataError("the data order needs at least one sample; the dataset is empty")
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is outside world size {self.world_size}")
         self.bucket_ids = [int(b) for b in self.bucket_ids]
@@ -137,15 +138,15 @@ class BucketBatchOrder:
         if self.batch_size is None:
             self.batch_size = batch_size
         elif batch_size != self.batch_size:
-            raise ValueError(f"the bucketed data order was made for batches of {self.batch_size}, not "
-                             f"{batch_size}: resume with the same train.batch_size (and gradient accumulation), "
-                             "or start a fresh run directory")
+            raise ConfigError(f"the bucketed data order was made for batches of {self.batch_size}, not "
+                              f"{batch_size}: resume with the same train.batch_size (and gradient accumulation), "
+                              "or start a fresh run directory")
         while True:
             batches = self.epoch_batches(self.epoch)
             usable = len(batches) // self.world_size * self.world_size
             if usable == 0:
-                raise ValueError(f"{len(batches)} bucketed batches per epoch cannot feed {self.world_size} ranks; "
-                                 "lower train.batch_size or use fewer buckets")
+                raise ConfigError(f"{len(batches)} bucketed batches per epoch cannot feed {self.world_size} ranks; "
+                                  "lower train.batch_size or use fewer buckets")
             if self.position < usable:
                 break
             self.epoch, self.position = self.epoch + 1, 0
@@ -160,12 +161,12 @@ class BucketBatchOrder:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("kind") != "buckets":
-            raise ValueError("cannot resume the data order: the checkpoint was made without data.buckets and "
-                             "this run buckets its data. Resume with the same data.buckets, or start a fresh "
-                             "run directory.")
+            raise ConfigError("cannot resume the data order: the checkpoint was made without data.buckets and "
+                              "this run buckets its data. Resume with the same data.buckets, or start a fresh "
+                              "run directory.")
         if (state["num_samples"], state["seed"], state["buckets_hash"]) != (
                 self.num_samples, self.seed, buckets_hash(self.bucket_ids)):
-            raise ValueError(
+            raise ConfigError(
                 f"cannot resume the data order: the checkpoint was made with {state['num_samples']} samples, "
                 f"seed {state['seed']} and other bucket assignments than this run ({self.num_samples} samples, "
                 f"seed {self.seed}). Use the same data, seed and data.buckets, or start a fresh run directory.")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from stablediff.errors import GenerationError
 from stablediff.inference.lora import LoraSpec, parse_lora_arg
 from stablediff.inference.metadata import (LOCATIONS_KEY, PARAMETERS_KEY, file_short_hash, locations_relative_to,
                                           png_info)
@@ -74,7 +75,7 @@ class ImagePipeline:
         from stablediff.inference.schedulers import make_scheduler
 
         if mask is not None and init_image is None:
-            raise ValueError("inpainting needs the image to paint into as well as the mask (--init IMG --mask MASK)")
+            raise GenerationError("inpainting needs the image to paint into as well as the mask (--init IMG --mask MASK)")
         if init_image is not None and request.strength is None:
             request = replace(request, strength=DEFAULT_STRENGTH)
         for message in self.prompt_warnings(request):

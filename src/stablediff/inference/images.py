@@ -12,6 +12,8 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from stablediff.errors import GenerationError, MissingPathError
+
 ASPECT_TOLERANCE = 0.01
 
 
@@ -21,10 +23,10 @@ def read_image(path: Path, what: str) -> Image.Image:
             image.load()
             return ImageOps.exif_transpose(image)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{what} {path} does not exist; give the path of a PNG or JPEG image") from None
+        raise MissingPathError(f"{what} {path} does not exist; give the path of a PNG or JPEG image") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise ValueError(f"{what} {path} cannot be read as an image ({exc}); give a PNG or JPEG image, "
-                         "re-saved if it is truncated") from None
+        raise GenerationError(f"{what} {path} cannot be read as an image ({exc}); give a PNG or JPEG image, "
+                              "re-saved if it is truncated") from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -53,9 +55,9 @@ def open_mask(path: Path, init_size: tuple[int, int], size: tuple[int, int]) -> 
     if mask.size != tuple(init_size):
         mask_ratio, init_ratio = mask.width / mask.height, init_size[0] / init_size[1]
         if abs(mask_ratio / init_ratio - 1) > ASPECT_TOLERANCE:
-            raise ValueError(f"mask {path} is {mask.width}x{mask.height} but the init image is "
-                             f"{init_size[0]}x{init_size[1]}: a different shape, so it cannot be scaled to fit. "
-                             "Paint the mask over the init image at its size (white = redraw, black = keep)")
+            raise GenerationError(f"mask {path} is {mask.width}x{mask.height} but the init image is "
+                                  f"{init_size[0]}x{init_size[1]}: a different shape, so it cannot be scaled to fit. "
+                                  "Paint the mask over the init image at its size (white = redraw, black = keep)")
     if mask.size != tuple(size):
         mask = mask.resize(size, Image.NEAREST)  # nearest: a resized mask stays black and white
     return mask

@@ -19,6 +19,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from stablediff.errors import GenerationError, MissingPathError, ModelFileError
 from stablediff.inference.metadata import file_short_hash
 
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"  # what `save_lora_weights` writes in a folder
@@ -44,8 +45,8 @@ def parse_lora_arg(text: str) -> LoraSpec:
         path, scale = head, float(tail)
     elif sep and head and not Path(text).expanduser().exists() and Path(head).expanduser().exists():
         # `ink.safetensors:abc`: the file is there, so what is wrong is the scale, not the path.
-        raise ValueError(f"--lora {text}: the scale {tail!r} is not a number; give PATH:SCALE such as "
-                         f"{head}:0.8, or PATH alone for scale 1")
+        raise GenerationError(f"--lora {text}: the scale {tail!r} is not a number; give PATH:SCALE such as "
+                              f"{head}:0.8, or PATH alone for scale 1")
     return LoraSpec(lora_file(Path(path).expanduser()), scale)
 
 
@@ -54,11 +55,11 @@ def lora_file(path: Path) -> Path:
     if path.is_dir() and (path / DIFFUSERS_LORA_FILE).is_file():
         path = path / DIFFUSERS_LORA_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"LoRA {path} does not exist; give a .safetensors LoRA file (or a folder holding "
-                                f"{DIFFUSERS_LORA_FILE}) as --lora PATH[:SCALE]")
+        raise MissingPathError(f"LoRA {path} does not exist; give a .safetensors LoRA file (or a folder holding "
+                               f"{DIFFUSERS_LORA_FILE}) as --lora PATH[:SCALE]")
     if path.suffix.lower() != ".safetensors":
-        raise ValueError(f"LoRA {path}: only .safetensors LoRA files are loaded (pickle-based .pt/.ckpt/.bin "
-                         "files can run code); convert it to safetensors first")
+        raise ModelFileError(f"LoRA {path}: only .safetensors LoRA files are loaded (pickle-based .pt/.ckpt/.bin "
+                             "files can run code); convert it to safetensors first")
     return path.resolve()
 
 
@@ -70,14 +71,14 @@ def read_lora(path: Path) -> dict:
     with open(path, "rb") as f:
         kind = sniff_format(f.read(16))
     if kind in ("zip", "pickle"):  # worded as the pickle guard words it for models
-        raise ValueError(f"LoRA {path} is a pickle-based checkpoint ({kind} format) named .safetensors; loading "
-                         "it can run arbitrary code hidden in the file, and pickle LoRAs are never loaded. Use a "
-                         "real .safetensors version of it")
+        raise ModelFileError(f"LoRA {path} is a pickle-based checkpoint ({kind} format) named .safetensors; loading "
+                             "it can run arbitrary code hidden in the file, and pickle LoRAs are never loaded. Use a "
+                             "real .safetensors version of it")
     try:
         return load_file(path)
     except Exception as exc:  # safetensors raises its own error types for truncated or foreign files
-        raise ValueError(f"LoRA {path} is not a readable safetensors file ({exc}); it may be truncated or "
-                         "not a LoRA — download or export it again") from None
+        raise ModelFileError(f"LoRA {path} is not a readable safetensors file ({exc}); it may be truncated or "
+                             "not a LoRA — download or export it again") from None
 
 
 def check_lora_fits(pipe, state: dict, path: Path) -> None:
@@ -85,27 +86,27 @@ def check_lora_fits(pipe, state: dict, path: Path) -> None:
     from diffusers.utils import convert_unet_state_dict_to_peft
 
     if not any(_LORA_TENSOR.search(key) for key in state):
-        raise ValueError(f"{path} is not a LoRA: none of its {len(state)} tensors is a LoRA tensor (lora_down/"
-                         f"lora_up, lora_A/lora_B, .alpha); its keys look like {next(iter(state), 'none')!r}. "
-                         "--lora takes LoRA files; a whole model or UNet is given as MODEL")
+        raise ModelFileError(f"{path} is not a LoRA: none of its {len(state)} tensors is a LoRA tensor (lora_down/"
+                             f"lora_up, lora_A/lora_B, .alpha); its keys look like {next(iter(state), 'none')!r}. "
+                             "--lora takes LoRA files; a whole model or UNet is given as MODEL")
     converted, _alphas = pipe.lora_state_dict(dict(state))  # a copy: kohya conversion pops keys
     unet_state = {k[len("unet."):]: v for k, v in converted.items() if k.startswith("unet.")}
     others = sorted({k.split(".")[0] for k in converted if not k.startswith("unet.")})
     if others and type(pipe.text_encoder).__name__ != "CLIPTextModel":
-        raise ValueError(f"LoRA {path} also changes the {', '.join(others)}; such LoRAs target CLIP's layers and "
-                         f"this model's text encoder is {type(pipe.text_encoder).__name__}. Use a UNet-only LoRA")
+        raise ModelFileError(f"LoRA {path} also changes the {', '.join(others)}; such LoRAs target CLIP's layers and "
+                             f"this model's text encoder is {type(pipe.text_encoder).__name__}. Use a UNet-only LoRA")
     if not unet_state:
-        raise ValueError(f"LoRA {path} holds no UNet LoRA tensors (keys like {next(iter(state), 'none')!r}); "
-                         "give a diffusers/peft or kohya LoRA for a Stable Diffusion UNet")
+        raise ModelFileError(f"LoRA {path} holds no UNet LoRA tensors (keys like {next(iter(state), 'none')!r}); "
+                             "give a diffusers/peft or kohya LoRA for a Stable Diffusion UNet")
     problems = []
     for key, tensor in convert_unet_state_dict_to_peft(unet_state).items():
         problem = _tensor_problem(pipe.unet, key, tuple(tensor.shape))
         if problem:
             problems.append(problem)
     if problems:
-        raise ValueError(f"LoRA {path} does not fit this model ({len(problems)} tensors), e.g. "
-                         f"{'; '.join(problems[:3])}. It was probably made for another base model; "
-                         "use a LoRA trained on this one")
+        raise ModelFileError(f"LoRA {path} does not fit this model ({len(problems)} tensors), e.g. "
+                             f"{'; '.join(problems[:3])}. It was probably made for another base model; "
+                             "use a LoRA trained on this one")
 
 
 def _tensor_problem(unet, key: str, shape: tuple[int, ...]) -> str | None:
@@ -148,11 +149,11 @@ def apply_loras(pipe, specs: list[LoraSpec]) -> None:
 
 
 def _load_one(pipe, path: Path, name: str) -> None:
-    from diffusers.utils import logging as diffusers_logging
+    from stablediff.models.quiet import quiet_hf_libraries
 
     state = read_lora(path)
     check_lora_fits(pipe, state, path)
-    diffusers_logging.set_verbosity_error()  # "no text-encoder keys" and peft's per-adapter key notes
-    with warnings.catch_warnings():
+    # quiet: "no text-encoder keys" and peft's per-adapter key notes, for this load only
+    with quiet_hf_libraries(), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # peft: "multiple adapters" is exactly what we want
         pipe.load_lora_weights(state, adapter_name=name)

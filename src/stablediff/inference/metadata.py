@@ -26,6 +26,7 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
+from stablediff.errors import GenerationError
 from stablediff.models.file_hash import file_hashes
 
 PARAMETERS_KEY = "parameters"
@@ -100,12 +101,12 @@ def read_png_metadata(path: Path) -> tuple[Infotext, dict]:
         with Image.open(path) as image:
             chunks = dict(getattr(image, "text", {}) or image.info)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"{path}: cannot read it as an image ({exc}); give a PNG written by "
-                         "`stablediff generate` or A1111") from None
+        raise GenerationError(f"{path}: cannot read it as an image ({exc}); give a PNG written by "
+                              "`stablediff generate` or A1111") from None
     text = chunks.get(PARAMETERS_KEY)
     if not isinstance(text, str) or not text.strip():
-        raise ValueError(f"{path} has no `parameters` text chunk, so it does not say how it was made; give a PNG "
-                         "written by `stablediff generate` or A1111 (some sites and editors strip PNG text chunks)")
+        raise GenerationError(f"{path} has no `parameters` text chunk, so it does not say how it was made; give a PNG "
+                              "written by `stablediff generate` or A1111 (some sites and editors strip PNG text chunks)")
     try:
         locations = json.loads(chunks.get(LOCATIONS_KEY) or "{}")
     except json.JSONDecodeError:

@@ -20,6 +20,8 @@ import torch
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
 from PIL import Image
 
+from stablediff.errors import GenerationError
+
 
 def model_default_size(pipe) -> tuple[int, int]:
     side = int(pipe.unet.config.sample_size) * pipe.vae_scale_factor
@@ -37,8 +39,8 @@ def check_size(pipe, size: tuple[int, int]) -> None:
     width, height = size
     if width < multiple or height < multiple or width % multiple or height % multiple:
         fit = (max(multiple, round(width / multiple) * multiple), max(multiple, round(height / multiple) * multiple))
-        raise ValueError(f"size {width}x{height} does not fit this model: width and height must be multiples of "
-                         f"{multiple}; use e.g. --size {fit[0]}x{fit[1]}")
+        raise GenerationError(f"size {width}x{height} does not fit this model: width and height must be multiples of "
+                              f"{multiple}; use e.g. --size {fit[0]}x{fit[1]}")
 
 
 def generators_for(seed: int, count: int) -> list[torch.Generator]:
@@ -102,11 +104,11 @@ def inpaint(pipe: StableDiffusionPipeline, prompt: str, init_image: Image.Image,
 def check_strength(strength: float, steps: int) -> None:
     # diffusers runs int(steps * strength) steps; zero steps would return the input unchanged or fail.
     if not 0 < strength <= 1:
-        raise ValueError(f"strength {strength} is outside (0, 1]: 0.3 keeps most of the input image, 1 redraws it all")
+        raise GenerationError(f"strength {strength} is outside (0, 1]: 0.3 keeps most of the input image, 1 redraws it all")
     if int(steps * strength) < 1:
-        raise ValueError(f"strength {strength} with {steps} steps runs no denoising step (diffusers runs "
-                         f"int(steps x strength) of them); raise --steps to at least {math.ceil(1 / strength)} "
-                         "or raise --strength")
+        raise GenerationError(f"strength {strength} with {steps} steps runs no denoising step (diffusers runs "
+                              f"int(steps x strength) of them); raise --steps to at least {math.ceil(1 / strength)} "
+                              "or raise --strength")
 
 
 def image_grid(rows: list[list[Image.Image]]) -> Image.Image:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from stablediff.errors import GenerationError, MissingPathError
 from stablediff.inference.lora import LoraSpec, lora_file
 from stablediff.inference.metadata import file_short_hash, read_png_metadata
 from stablediff.inference.request import GenerationRequest, lora_weights, request_from_infotext
@@ -34,9 +35,9 @@ def plan_recreation(png: Path, model: Path | None = None, lora_paths: tuple[Path
     info, locations = read_png_metadata(png)
     if model is None:
         if not locations.get("model"):
-            raise ValueError(f"{png} does not say where its model {info.params.get('Model', '?')!r} (hash "
-                             f"{info.params.get('Model hash', '?')}) is; give it: stablediff generate --from-png "
-                             f"{png} MODEL")
+            raise GenerationError(f"{png} does not say where its model {info.params.get('Model', '?')!r} (hash "
+                                  f"{info.params.get('Model hash', '?')}) is; give it: stablediff generate --from-png "
+                                  f"{png} MODEL")
         model, step, best = Path(locations["model"]), locations.get("step"), bool(locations.get("best"))
     loras = _loras(info, locations.get("loras", {}), lora_paths)
     request = request_from_infotext(info, loras)
@@ -50,8 +51,8 @@ def plan_recreation(png: Path, model: Path | None = None, lora_paths: tuple[Path
 def _recorded(locations: dict, key: str, png: Path, what: str, option: str) -> Path:
     path = Path(locations[key]) if locations.get(key) else None
     if path is None or not path.is_file():
-        raise FileNotFoundError(f"{png} was made from the {what} {path or '(not recorded)'}, which is not there "
-                                f"now; give it with {option} PATH")
+        raise MissingPathError(f"{png} was made from the {what} {path or '(not recorded)'}, which is not there "
+                               f"now; give it with {option} PATH")
     return path
 
 
@@ -69,6 +70,6 @@ def _loras(info, recorded_paths: dict[str, str], given: tuple[Path, ...]) -> tup
         else:
             specs.append(LoraSpec(path, scale))
     if missing:
-        raise FileNotFoundError(f"the image was made with the LoRA(s) {', '.join(missing)}, not found with that "
-                                "hash at their recorded paths; give each file with --lora PATH")
+        raise MissingPathError(f"the image was made with the LoRA(s) {', '.join(missing)}, not found with that "
+                               "hash at their recorded paths; give each file with --lora PATH")
     return tuple(specs)

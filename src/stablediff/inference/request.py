@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from stablediff.errors import GenerationError
 from stablediff.inference.lora import LoraSpec
 from stablediff.inference.metadata import Infotext, infotext
 from stablediff.inference.schedulers import DEFAULT_SAMPLER, get_sampler, sampler_from_infotext
@@ -23,8 +24,8 @@ MAX_SIDE = 4096
 def check_size_limit(size: tuple[int, int]) -> None:
     width, height = size
     if max(width, height) > MAX_SIDE:
-        raise ValueError(f"size {width}x{height} is past the limit of {MAX_SIDE} pixels a side; Stable Diffusion "
-                         "1.x models make 512x512 and SDXL 1024x1024 (generate smaller and upscale instead)")
+        raise GenerationError(f"size {width}x{height} is past the limit of {MAX_SIDE} pixels a side; Stable Diffusion "
+                              "1.x models make 512x512 and SDXL 1024x1024 (generate smaller and upscale instead)")
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,8 @@ class GenerationRequest:
         if self.size is not None:
             check_size_limit(self.size)
         if self.steps < 1 or self.num < 1 or self.seed < 0:
-            raise ValueError(f"steps ({self.steps}) and num ({self.num}) must be at least 1 and seed ({self.seed}) "
-                             "at least 0")
+            raise GenerationError(f"steps ({self.steps}) and num ({self.num}) must be at least 1 and seed ({self.seed}) "
+                                  "at least 0")
 
     def for_image(self, index: int, size: tuple[int, int]) -> "GenerationRequest":
         """The request that makes image `index` of this call alone (A1111 seeds: seed + index)."""
@@ -82,8 +83,8 @@ def request_from_infotext(info: Infotext, loras: tuple[LoraSpec, ...] = ()) -> G
             loras=loras,
         )
     except (KeyError, ValueError) as exc:
-        raise ValueError(f"the image's parameters cannot be read back ({type(exc).__name__}: {exc}); they need "
-                         "at least Steps, CFG scale, Seed and Size, with a sampler stablediff knows") from None
+        raise GenerationError(f"the image's parameters cannot be read back ({type(exc).__name__}: {exc}); they need "
+                              "at least Steps, CFG scale, Seed and Size, with a sampler stablediff knows") from None
 
 
 def lora_weights(info: Infotext) -> dict[str, tuple[str, float]]:

@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from stablediff.errors import MissingPathError, ModelFileError
+
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
@@ -50,18 +52,18 @@ class ModelSource:
 def resolve_model(model: str | Path, step: int | None = None, best: bool = False) -> ModelSource:
     path = Path(model).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"model {path} does not exist; give a run directory, a diffusers pipeline folder "
-                                "or a single-file .safetensors model")
+        raise MissingPathError(f"model {path} does not exist; give a run directory, a diffusers pipeline folder "
+                               "or a single-file .safetensors model")
     path = path.resolve()
     if step is not None or best:
         if not _is_run_dir(path):
-            raise ValueError(f"--step/--best pick a checkpoint of a run directory, and {path} is not one "
-                             "(no checkpoints/ or config.yaml)")
+            raise ModelFileError(f"--step/--best pick a checkpoint of a run directory, and {path} is not one "
+                                 "(no checkpoints/ or config.yaml)")
         return ModelSource("run", path, path.name, step, best)
     if path.is_file():
         if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
-            raise ValueError(f"model {path} is a {path.suffix or 'suffix-less'} file; a single-file model is a "
-                             ".safetensors (or, with --trust-pickle, .ckpt) file")
+            raise ModelFileError(f"model {path} is a {path.suffix or 'suffix-less'} file; a single-file model is a "
+                                 ".safetensors (or, with --trust-pickle, .ckpt) file")
         return ModelSource("single_file", path, path.stem)
     if (path / "model_index.json").is_file():
         return ModelSource("folder", path, _folder_name(path))
@@ -72,8 +74,8 @@ def resolve_model(model: str | Path, step: int | None = None, best: bool = False
         return ModelSource("run", path, path.name, note=stale)
     if (path / "checkpoints").is_dir():
         return ModelSource("run", path, path.name)
-    raise ValueError(f"{path} is neither a diffusers pipeline folder (model_index.json) nor a run directory "
-                     "with export/diffusers or checkpoints/; train one with `stablediff demo` or `stablediff train`")
+    raise ModelFileError(f"{path} is neither a diffusers pipeline folder (model_index.json) nor a run directory "
+                         "with export/diffusers or checkpoints/; train one with `stablediff demo` or `stablediff train`")
 
 
 def stale_export(run: Path, export: Path) -> str | None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from stablediff.errors import GenerationError
+
 DEFAULT_SAMPLER = "dpmpp_2m"
 
 
@@ -63,8 +65,8 @@ def get_sampler(name: str) -> Sampler:
     try:
         return SAMPLERS[name]
     except KeyError:
-        raise ValueError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)} "
-                         "(`stablediff generate --list-samplers` says what each is)") from None
+        raise GenerationError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)} "
+                              "(`stablediff generate --list-samplers` says what each is)") from None
 
 
 def fit_steps_offset(config: dict, steps: int | None) -> dict:
@@ -89,8 +91,8 @@ def make_scheduler(name: str, model_scheduler_config: dict, steps: int | None = 
         try:
             __import__(sampler.requires)
         except ImportError:
-            raise ValueError(f"sampler {name!r} needs the Python package {sampler.requires!r}, which is not "
-                             f"installed; run `pip install {sampler.requires}` or choose another sampler") from None
+            raise GenerationError(f"sampler {name!r} needs the Python package {sampler.requires!r}, which is not "
+                                  f"installed; run `pip install {sampler.requires}` or choose another sampler") from None
     scheduler_class = getattr(diffusers, sampler.class_name)
     if sampler.class_name == "DPMSolverSDEScheduler":  # its noise from each image's seed, on the CPU
         from stablediff.inference.seeded_sde import SeededDPMSolverSDEScheduler as scheduler_class

@@ -16,6 +16,7 @@ import json
 import math
 import re
 
+from stablediff.errors import ModelFileError
 from stablediff.models.keymap import (CLIP_PREFIX, LEGACY_CLIP_PREFIX, OPEN_CLIP_PREFIX, TEXT_PREFIX, UNET_PREFIX,
                                       VAE_PREFIX, UNetLayout, VAELayout)
 
@@ -31,8 +32,8 @@ def _indices(shapes: Shapes, pattern: str) -> list[int]:
 
 def _shape(shapes: Shapes, key: str, what: str) -> tuple[int, ...]:
     if key not in shapes:
-        raise ValueError(f"tensor {key!r} is missing, so the {what} cannot be inferred; the file is not a "
-                         "complete Stable Diffusion 1.x/2.x model (truncated or from another architecture)")
+        raise ModelFileError(f"tensor {key!r} is missing, so the {what} cannot be inferred; the file is not a "
+                             "complete Stable Diffusion 1.x/2.x model (truncated or from another architecture)")
     return shapes[key]
 
 
@@ -41,9 +42,9 @@ def require_components(shapes: Shapes, source: str) -> None:
     for prefix, name in ((UNET_PREFIX, "UNet"), (VAE_PREFIX, "VAE"), (TEXT_PREFIX, "text encoder")):
         if not any(key.startswith(prefix) for key in shapes):
             found = sorted({key.split(".")[0] for key in shapes})[:6]
-            raise ValueError(f"{source} has no {name} weights (no '{prefix}*' tensors; top-level names found: "
-                             f"{found}). Give a complete Stable Diffusion 1.x/2.x checkpoint with UNet, VAE and "
-                             "text encoder.")
+            raise ModelFileError(f"{source} has no {name} weights (no '{prefix}*' tensors; top-level names found: "
+                                 f"{found}). Give a complete Stable Diffusion 1.x/2.x checkpoint with UNet, VAE and "
+                                 "text encoder.")
 
 
 def text_encoder_kind(shapes: Shapes) -> str:
@@ -64,8 +65,8 @@ def unet_layout(shapes: Shapes) -> UNetLayout:
     downsamplers = _indices(shapes, re.escape(p) + r"input_blocks\.(\d+)\.0\.op\.")
     n = len(downsamplers) + 1
     if not inputs or len(inputs) % n:
-        raise ValueError(f"the UNet's input_blocks ({len(inputs)}) do not form {n} equal levels; "
-                         "this is not a Stable Diffusion 1.x/2.x UNet")
+        raise ModelFileError(f"the UNet's input_blocks ({len(inputs)}) do not form {n} equal levels; "
+                             "this is not a Stable Diffusion 1.x/2.x UNet")
     per = len(inputs) // n - 1
     down = tuple(f"{p}input_blocks.{1 + b * (per + 1)}.1.proj_in.weight" in shapes for b in range(n))
     up = tuple(f"{p}output_blocks.{b * (per + 1)}.1.proj_in.weight" in shapes for b in range(n))
@@ -76,7 +77,7 @@ def vae_layout(shapes: Shapes) -> VAELayout:
     levels = _indices(shapes, re.escape(VAE_PREFIX) + r"encoder\.down\.(\d+)\.")
     per = _indices(shapes, re.escape(VAE_PREFIX) + r"encoder\.down\.0\.block\.(\d+)\.")
     if not levels or not per:
-        raise ValueError("the VAE has no encoder.down.N.block.M tensors; this is not an SD 1.x/2.x autoencoder")
+        raise ModelFileError("the VAE has no encoder.down.N.block.M tensors; this is not an SD 1.x/2.x autoencoder")
     return VAELayout(len(levels), len(per))
 
 

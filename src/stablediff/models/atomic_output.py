@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from stablediff.io.atomic import TEMP_MARKER, fsync_path, replace_atomic, temp_name
+from stablediff.errors import PathExistsError, UserError
 from stablediff.models.export_record import write_record
 
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
@@ -32,7 +33,7 @@ _LEFTOVER = re.compile(re.escape(TEMP_MARKER) + r"(\d+)-[0-9a-f]+$")
 _OS_ERROR_CODE = re.compile(r"os error (\d+)")  # how safetensors' Rust I/O errors name errno
 
 
-class ExportWriteError(OSError):
+class ExportWriteError(UserError, OSError):
     """Writing a model output failed; nothing at OUT was replaced. The message is for the user."""
 
 
@@ -90,7 +91,7 @@ def folder(out: Path, replace: bool) -> Iterator[Path]:
     clean_leftovers(out)
     existed = out.exists()
     if existed and not replace:
-        raise FileExistsError(f"{out} already exists; choose another output path or pass --force to replace it")
+        raise PathExistsError(f"{out} already exists; choose another output path or pass --force to replace it")
     tmp = Path(temp_name(str(out)))
     tmp.mkdir()
     try:

@@ -10,6 +10,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
 from stablediff.config.schema import NoiseConfig, UNetConfig, VAEConfig
 from stablediff.models.diffusion import make_noise_scheduler
+from stablediff.errors import ConfigError, MissingPathError
 from stablediff.models.weights_guard import check_model_folder
 
 
@@ -31,7 +32,7 @@ def vae_folder(folder: str) -> Path:
     for candidate in (path, path / "vae"):
         if (candidate / "config.json").is_file():
             return candidate
-    raise FileNotFoundError(f"vae.pretrained: no diffusers VAE (config.json) in {path} or {path / 'vae'}")
+    raise MissingPathError(f"vae.pretrained: no diffusers VAE (config.json) in {path} or {path / 'vae'}")
 
 
 def load_vae(folder: str, trust_pickle: bool = False) -> AutoencoderKL:
@@ -65,13 +66,13 @@ def read_unet_config(path: str) -> dict:
     try:
         config = json.loads(file.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"unet.diffusers_config: {file} does not exist; give a diffusers UNet "
-                                "config.json (or the folder holding it)") from None
+        raise MissingPathError(f"unet.diffusers_config: {file} does not exist; give a diffusers UNet "
+                               "config.json (or the folder holding it)") from None
     except json.JSONDecodeError as exc:
-        raise ValueError(f"unet.diffusers_config: {file} is not valid JSON ({exc})") from None
+        raise ConfigError(f"unet.diffusers_config: {file} is not valid JSON ({exc})") from None
     if config.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
-        raise ValueError(f"unet.diffusers_config: {file} is the config of {config['_class_name']}, "
-                         "not of a UNet2DConditionModel; give the UNet's config.json (the unet/ folder)")
+        raise ConfigError(f"unet.diffusers_config: {file} is the config of {config['_class_name']}, "
+                          "not of a UNet2DConditionModel; give the UNet's config.json (the unet/ folder)")
     return config
 
 

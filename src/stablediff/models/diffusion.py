@@ -13,6 +13,8 @@ from typing import Sequence
 import torch
 from diffusers import DDPMScheduler
 
+from stablediff.errors import ConfigError
+
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
@@ -30,12 +32,12 @@ def make_noise_scheduler(num_train_timesteps: int = 1000, beta_schedule: str = "
     so inference schedulers built from it start at t = T.
     """
     if beta_schedule not in BETA_SCHEDULES:
-        raise ValueError(f"noise.beta_schedule {beta_schedule!r} is not supported; use one of {BETA_SCHEDULES}")
+        raise ConfigError(f"noise.beta_schedule {beta_schedule!r} is not supported; use one of {BETA_SCHEDULES}")
     check_prediction_type(prediction_type)
     if rescale_zero_terminal_snr and prediction_type == "epsilon":
-        raise ValueError("noise.rescale_zero_terminal_snr needs train.prediction_type v_prediction (or sample): "
-                         "at zero terminal SNR an epsilon model cannot recover the image at t = T "
-                         "(Lin et al. 2023). Set train.prediction_type=v_prediction.")
+        raise ConfigError("noise.rescale_zero_terminal_snr needs train.prediction_type v_prediction (or sample): "
+                          "at zero terminal SNR an epsilon model cannot recover the image at t = T "
+                          "(Lin et al. 2023). Set train.prediction_type=v_prediction.")
     return DDPMScheduler(
         num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, beta_start=beta_start,
         beta_end=beta_end, prediction_type=prediction_type, clip_sample=False, steps_offset=1,
@@ -54,7 +56,7 @@ def training_target(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torc
         return scheduler.get_velocity(latents, noise, timesteps)
     if prediction_type == "sample":
         return latents
-    raise ValueError(f"unknown prediction_type {prediction_type!r}; use epsilon, v_prediction or sample")
+    raise ConfigError(f"unknown prediction_type {prediction_type!r}; use epsilon, v_prediction or sample")
 
 
 def snr(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
@@ -81,16 +83,16 @@ def per_sample_loss(unet: torch.nn.Module, scheduler: DDPMScheduler, latents: to
 def evenly_spaced_timesteps(count: int, num_train_timesteps: int) -> tuple[int, ...]:
     """`count` timesteps at the centres of equal slices of [0, T): 5 of 1000 -> 100, 300, ..., 900."""
     if not 1 <= count <= num_train_timesteps:
-        raise ValueError(f"asked for {count} evenly spaced timesteps; choose 1 to {num_train_timesteps}")
+        raise ConfigError(f"asked for {count} evenly spaced timesteps; choose 1 to {num_train_timesteps}")
     return tuple(int((2 * i + 1) * num_train_timesteps // (2 * count)) for i in range(count))
 
 
 def check_timesteps(timesteps: Sequence[int], num_train_timesteps: int) -> None:
     bad = [t for t in timesteps if not 0 <= int(t) < num_train_timesteps]
     if bad:
-        raise ValueError(f"timesteps {bad} are outside [0, {num_train_timesteps}); pick values in that range")
+        raise ConfigError(f"timesteps {bad} are outside [0, {num_train_timesteps}); pick values in that range")
 
 
 def check_prediction_type(prediction_type: str) -> None:
     if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"train.prediction_type {prediction_type!r} is not supported; use one of {PREDICTION_TYPES}")
+        raise ConfigError(f"train.prediction_type {prediction_type!r} is not supported; use one of {PREDICTION_TYPES}")

@@ -5,13 +5,15 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from stablediff.errors import MissingPathError
+
 
 def file_hashes(path: Path, block: int = 1 << 20) -> dict[str, str]:
     """SHA-256 of the whole file, Civitai's AutoV2 (its first 10 hex digits) and A1111's legacy
     model hash (SHA-256 of the 64 KiB at offset 1 MiB, 8 digits; older UIs still show it)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is not a file; `ckpt hash` hashes one model file")
+        raise MissingPathError(f"{path} is not a file; `ckpt hash` hashes one model file")
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(block):

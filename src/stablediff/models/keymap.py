@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
+from stablediff.errors import ModelFileError
+
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model."
@@ -54,8 +56,8 @@ class UNetLayout:
     def from_config(cls, config) -> UNetLayout:
         layers = config["layers_per_block"]
         if not isinstance(layers, int):
-            raise ValueError(f"UNet layers_per_block {layers!r} differs per block; the SD single-file "
-                             "layout needs one number for all blocks")
+            raise ModelFileError(f"UNet layers_per_block {layers!r} differs per block; the SD single-file "
+                                 "layout needs one number for all blocks")
         return cls(layers, tuple("CrossAttn" in t for t in config["down_block_types"]),
                    tuple("CrossAttn" in t for t in config["up_block_types"]))
 
@@ -150,8 +152,8 @@ def _rename(key: str, pairs: dict[str, str], component: str) -> str:
         prefix = key[: cut + 1]
         if prefix in pairs:
             return pairs[prefix] + key[cut + 1 :]
-    raise ValueError(f"{component} key {key!r} has no place in the SD 1.x/2.x layout; the model is not a "
-                     "Stable Diffusion 1.x/2.x architecture (or its config does not match its weights)")
+    raise ModelFileError(f"{component} key {key!r} has no place in the SD 1.x/2.x layout; the model is not a "
+                         "Stable Diffusion 1.x/2.x architecture (or its config does not match its weights)")
 
 
 def _is_vae_conv_attention(original_key: str) -> bool:
@@ -206,11 +208,11 @@ def _text_key(key: str, kind: str) -> str:
     if kind == "hf":
         return key[len(TEXT_PREFIX) :]
     if key.startswith(OPEN_CLIP_PREFIX):
-        raise ValueError(f"{key!r} is an SD 2.x OpenCLIP text encoder key; SD 2.x single files are not "
-                         "supported yet. Convert the file with diffusers' scripts to a diffusers folder and "
-                         "use that folder instead.")
+        raise ModelFileError(f"{key!r} is an SD 2.x OpenCLIP text encoder key; SD 2.x single files are not "
+                             "supported yet. Convert the file with diffusers' scripts to a diffusers folder and "
+                             "use that folder instead.")
     for prefix in (CLIP_PREFIX, LEGACY_CLIP_PREFIX):
         if key.startswith(prefix):
             return key[len(prefix) :]
-    raise ValueError(f"text encoder key {key!r} is not in the SD 1.x CLIP layout "
-                     f"({CLIP_PREFIX}*); the file mixes text encoder layouts")
+    raise ModelFileError(f"text encoder key {key!r} is not in the SD 1.x CLIP layout "
+                         f"({CLIP_PREFIX}*); the file mixes text encoder layouts")

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from stablediff.io.pickle_guard import PICKLE_MODEL_SUFFIXES, refuse_pickle
+from stablediff.errors import ModelFileError
 from stablediff.models import architecture
 from stablediff.models.keymap import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
 from stablediff.models.file_hash import file_hashes
@@ -57,8 +58,8 @@ def write_model(state: dict[str, torch.Tensor], metadata: dict[str, str], out: P
     if out.suffix.lower() == ".safetensors":
         return write_safetensors(state, metadata, out)
     if out.suffix.lower() in PICKLE_MODEL_SUFFIXES:
-        raise ValueError(f"{out}: stablediff writes only safetensors (no pickles); name the output .safetensors "
-                         "for a single file, or a folder name for a diffusers pipeline")
+        raise ModelFileError(f"{out}: stablediff writes only safetensors (no pickles); name the output .safetensors "
+                             "for a single file, or a folder name for a diffusers pipeline")
     return save_pipeline_folder(pipeline_from_state(state, metadata, source), out, replace)
 
 
@@ -71,14 +72,14 @@ def check_same_architecture(states: list[dict[str, torch.Tensor]], names: list[s
         only_base, only_other = sorted(set(base) - set(state)), sorted(set(state) - set(base))
         if only_base or only_other:
             key, where = (only_base[0], names[0]) if only_base else (only_other[0], name)
-            raise ValueError(f"cannot merge {names[0]} and {name}: tensor {key!r} is only in {where} "
-                             f"({len(only_base) + len(only_other)} keys differ). Merging needs models of the same "
-                             "architecture and text encoder.")
+            raise ModelFileError(f"cannot merge {names[0]} and {name}: tensor {key!r} is only in {where} "
+                                 f"({len(only_base) + len(only_other)} keys differ). Merging needs models of the same "
+                                 "architecture and text encoder.")
         for key, tensor in base.items():
             if tensor.shape != state[key].shape:
-                raise ValueError(f"cannot merge {names[0]} and {name}: tensor {key!r} has shape "
-                                 f"{list(tensor.shape)} in one and {list(state[key].shape)} in the other; they are "
-                                 "different architectures")
+                raise ModelFileError(f"cannot merge {names[0]} and {name}: tensor {key!r} has shape "
+                                     f"{list(tensor.shape)} in one and {list(state[key].shape)} in the other; they are "
+                                     "different architectures")
 
 
 def merge_states(states: list[dict[str, torch.Tensor]], names: list[str], method: str,
@@ -87,7 +88,7 @@ def merge_states(states: list[dict[str, torch.Tensor]], names: list[str], method
     stored in A's dtype; non-float tensors (ids) are taken from A."""
     need = {"weighted": 2, "add-difference": 3}[method]
     if len(states) != need:
-        raise ValueError(f"--method {method} takes {need} models, got {len(states)}")
+        raise ModelFileError(f"--method {method} takes {need} models, got {len(states)}")
     check_same_architecture(states, names)
     merged = {}
     for key, a in states[0].items():
@@ -134,20 +135,20 @@ def prune_state(state: dict[str, torch.Tensor], dtype: torch.dtype | None, ema_o
             group = key.split(".")[0]
             dropped[group] = dropped.get(group, 0) + 1
     if not any(k.startswith(UNET_PREFIX) for k in kept):
-        raise ValueError(f"{source} has no UNet weights ({UNET_PREFIX}*); it is not an SD 1.x/2.x checkpoint, "
-                         "so there is nothing to prune it to")
+        raise ModelFileError(f"{source} has no UNet weights ({UNET_PREFIX}*); it is not an SD 1.x/2.x checkpoint, "
+                             "so there is nothing to prune it to")
     return kept, dropped
 
 
 def _promote_ema(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
     unet_keys = [k for k in state if k.startswith(UNET_PREFIX)]
     if not any(k.startswith(EMA_PREFIX) for k in state):
-        raise ValueError(f"--ema-only: {source} has no EMA weights ({EMA_PREFIX}* tensors); prune without "
-                         "--ema-only (our own exports already hold the EMA as their main weights)")
+        raise ModelFileError(f"--ema-only: {source} has no EMA weights ({EMA_PREFIX}* tensors); prune without "
+                             "--ema-only (our own exports already hold the EMA as their main weights)")
     missing = [k for k in unet_keys if ema_key(k) not in state]
     if missing:
-        raise ValueError(f"--ema-only: {source} has EMA weights, but none for {missing[0]!r} "
-                         f"({len(missing)} UNet tensors lack one); prune without --ema-only")
+        raise ModelFileError(f"--ema-only: {source} has EMA weights, but none for {missing[0]!r} "
+                             f"({len(missing)} UNet tensors lack one); prune without --ema-only")
     promoted = {k: v for k, v in state.items() if not k.startswith(EMA_PREFIX)}
     promoted.update({k: state[ema_key(k)] for k in unet_keys})
     return promoted

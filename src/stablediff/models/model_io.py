@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from stablediff.io.pickle_guard import refuse_pickle
+from stablediff.errors import MissingPathError, ModelFileError
 
 META = "stablediff."  # prefix of the metadata entries our exports add (configs, tokenizer, recipe)
 _HEADER_LIMIT = 100 * 1024 * 1024  # the safetensors format's own bound on the JSON header
@@ -26,21 +27,21 @@ def read_header(path: Path) -> tuple[dict[str, dict], dict[str, str]]:
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise ValueError(_not_safetensors(path, "it is shorter than a safetensors header"))
+            raise ModelFileError(_not_safetensors(path, "it is shorter than a safetensors header"))
         (length,) = struct.unpack("<Q", head)
         if not 2 <= length <= min(_HEADER_LIMIT, size - 8):
-            raise ValueError(_not_safetensors(path, "its first 8 bytes are not a valid header length"))
+            raise ModelFileError(_not_safetensors(path, "its first 8 bytes are not a valid header length"))
         try:
             header = json.loads(f.read(length))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(_not_safetensors(path, f"its header is not valid JSON ({exc})")) from None
+            raise ModelFileError(_not_safetensors(path, f"its header is not valid JSON ({exc})")) from None
     if not isinstance(header, dict):
-        raise ValueError(_not_safetensors(path, "its header is not a JSON object"))
+        raise ModelFileError(_not_safetensors(path, "its header is not a JSON object"))
     metadata = header.pop("__metadata__", None) or {}
     end = max((int(t["data_offsets"][1]) for t in header.values()), default=0)
     if 8 + length + end > size:
-        raise ValueError(f"{path} is truncated: its header describes {end:,} bytes of tensors but only "
-                         f"{size - 8 - length:,} are in the file. Download or copy the file again.")
+        raise ModelFileError(f"{path} is truncated: its header describes {end:,} bytes of tensors but only "
+                             f"{size - 8 - length:,} are in the file. Download or copy the file again.")
     return header, metadata
 
 
@@ -57,7 +58,7 @@ def read_model_file(path: Path, trust_pickle: bool = False) -> tuple[dict[str, t
     """(state dict, metadata) of a `.safetensors` file, or of a pickle checkpoint when trusted."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"model file {path} does not exist; give a .safetensors file or a diffusers folder")
+        raise MissingPathError(f"model file {path} does not exist; give a .safetensors file or a diffusers folder")
     kind = refuse_pickle(path, trust_pickle)  # raises for pickles unless trusted
     if kind in ("zip", "pickle") or (kind == "unknown" and path.suffix.lower() != ".safetensors"):
         return _read_pickle(path), {}
@@ -68,7 +69,7 @@ def read_model_file(path: Path, trust_pickle: bool = False) -> tuple[dict[str, t
     try:
         state = load_file(path)
     except SafetensorError as exc:
-        raise ValueError(f"{path} is a damaged safetensors file ({exc}); download or copy it again") from None
+        raise ModelFileError(f"{path} is a damaged safetensors file ({exc}); download or copy it again") from None
     return state, metadata
 
 
@@ -78,9 +79,9 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
         with open(path, "rb") as f:
             loaded = torch.load(f, map_location="cpu", weights_only=False)
     except Exception as exc:  # any unpickling failure is a bad file, told in one line
-        raise ValueError(f"{path} could not be unpickled ({type(exc).__name__}: {exc}); the file is damaged "
-                         "or not a PyTorch checkpoint") from None
+        raise ModelFileError(f"{path} could not be unpickled ({type(exc).__name__}: {exc}); the file is damaged "
+                             "or not a PyTorch checkpoint") from None
     state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
     if not isinstance(state, dict):
-        raise ValueError(f"{path} holds a {type(loaded).__name__}, not a state dict of tensors")
+        raise ModelFileError(f"{path} holds a {type(loaded).__name__}, not a state dict of tensors")
     return {k: v for k, v in state.items() if torch.is_tensor(v)}

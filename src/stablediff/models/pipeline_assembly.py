@@ -10,6 +10,7 @@ from pathlib import Path
 
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
+from stablediff.errors import MissingPathError
 from stablediff.models.quiet import quiet_hf_libraries
 from stablediff.models.weights_guard import check_model_folder
 
@@ -32,7 +33,7 @@ def assemble_pipeline(vae, text_encoder, tokenizer, unet, training_scheduler_con
 def load_pipeline_folder(path: str | Path, trust_pickle: bool = False) -> StableDiffusionPipeline:
     folder = Path(path).expanduser()
     if not (folder / "model_index.json").is_file():
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"{folder} is not a diffusers pipeline folder (no model_index.json). Give the folder that "
             "`stablediff demo` or `stablediff ckpt export --format diffusers` wrote, e.g. RUN_DIR/export/diffusers."
         )

@@ -18,6 +18,7 @@ from stablediff import run_schema as schema
 from stablediff.checkpoint import CheckpointStore, LoadedCheckpoint, RetentionPolicy
 from stablediff.checkpoint.retention import best_steps
 from stablediff.run_schema import BEST_METRIC
+from stablediff.errors import CheckpointError, MissingPathError
 
 LORA_METADATA_KEY = "lora_adapter_metadata"  # where diffusers' save_lora_weights keeps the LoraConfig
 
@@ -28,8 +29,8 @@ def open_run_store(run_dir: Path) -> tuple[CheckpointStore, list[CheckpointStore
 
     run_dir = Path(run_dir)
     if not (run_dir / "checkpoints" / "manifests").is_dir():
-        raise FileNotFoundError(f"{run_dir} is not a run directory with checkpoints (no checkpoints/manifests/); "
-                                "give the --run-dir of a `stablediff train` run")
+        raise MissingPathError(f"{run_dir} is not a run directory with checkpoints (no checkpoints/manifests/); "
+                               "give the --run-dir of a `stablediff train` run")
     config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
     replicas = [CheckpointStore(r) for r in (config or {}).get("checkpoint", {}).get("replicas", [])]
     return CheckpointStore(run_dir / "checkpoints"), replicas
@@ -38,13 +39,13 @@ def open_run_store(run_dir: Path) -> tuple[CheckpointStore, list[CheckpointStore
 def choose_step(store: CheckpointStore, step: int | None, best: bool) -> int | None:
     """`step`, the best by val_loss (`best`), or None for the newest that verifies."""
     if step is not None and best:
-        raise ValueError("give either --step or --best, not both")
+        raise CheckpointError("give either --step or --best, not both")
     if not best:
         return step
     ranked = best_steps(store.list(), RetentionPolicy(keep_best=1, best_metric=BEST_METRIC))
     if not ranked:
-        raise ValueError(f"--best: no checkpoint in {store.location} records {BEST_METRIC}, so none is best; "
-                         "give --step N (see `stablediff ckpt list`) or leave both out for the newest")
+        raise CheckpointError(f"--best: no checkpoint in {store.location} records {BEST_METRIC}, so none is best; "
+                              "give --step N (see `stablediff ckpt list`) or leave both out for the newest")
     return ranked[0]
 
 
@@ -52,8 +53,8 @@ def load_run_checkpoint(run_dir: Path, step: int | None = None, best: bool = Fal
     store, replicas = open_run_store(run_dir)
     loaded = store.load(choose_step(store, step, best), fallbacks=replicas)
     if loaded.meta.get(schema.STAGE) != schema.UNET_STAGE or schema.CONFIG not in loaded.meta:
-        raise ValueError(f"checkpoint step {loaded.step} of {run_dir} is not a text-to-image UNet checkpoint "
-                         f"(stage {loaded.meta.get(schema.STAGE)!r}); it cannot be exported as a pipeline")
+        raise CheckpointError(f"checkpoint step {loaded.step} of {run_dir} is not a text-to-image UNet checkpoint "
+                              f"(stage {loaded.meta.get(schema.STAGE)!r}); it cannot be exported as a pipeline")
     return loaded
 
 
@@ -78,12 +79,12 @@ def pipeline_from_checkpoint(loaded: LoadedCheckpoint, ema: bool, trust_pickle: 
     from stablediff.models.text_encoder import load_text_encoder
 
     if lora_tensors(loaded.tensors):
-        raise ValueError(f"{source} holds LoRA adapters; export them with `stablediff ckpt export --format lora` "
-                         "and apply them to the base model they were trained on")
+        raise CheckpointError(f"{source} holds LoRA adapters; export them with `stablediff ckpt export --format lora` "
+                              "and apply them to the base model they were trained on")
     config = RunConfig.model_validate(loaded.meta[schema.CONFIG])
     if not getattr(config.vae, "enabled", True):
-        raise ValueError(f"{source} is a pixel-space model (no VAE), which is not a Stable Diffusion pipeline; "
-                         "use its export/pixel folder (UNet and scheduler) instead")
+        raise CheckpointError(f"{source} is a pixel-space model (no VAE), which is not a Stable Diffusion pipeline; "
+                              "use its export/pixel folder (UNet and scheduler) instead")
     text_encoder = load_text_encoder(config.text_encoder.name, config.text_encoder.max_length, trust_pickle)
     vae = build_vae(config.vae, config.data.resolution, trust_pickle)
     load_weights(vae, schema.unprefixed(schema.VAE, loaded.tensors), "VAE", source)
@@ -92,8 +93,8 @@ def pipeline_from_checkpoint(loaded: LoadedCheckpoint, ema: bool, trust_pickle: 
     unet = build_unet(config.unet, vae.config.latent_channels, latent_size, text_encoder.hidden_size)
     weights = schema.unprefixed(schema.EMA if ema else schema.UNET, loaded.tensors)
     if not weights:
-        raise ValueError(f"{source} has no {'EMA' if ema else 'raw UNet'} weights; try "
-                         f"{'--no-ema' if ema else '--ema'}")
+        raise CheckpointError(f"{source} has no {'EMA' if ema else 'raw UNet'} weights; try "
+                              f"{'--no-ema' if ema else '--ema'}")
     load_weights(unet, weights, "UNet", source)
     scheduler = build_noise_scheduler(config.noise, config.train.prediction_type)
     return assemble_pipeline(vae.eval(), text_encoder.model, text_encoder.tokenizer, unet.eval(),
@@ -106,8 +107,8 @@ def save_lora(loaded: LoadedCheckpoint, out: Path, source: str) -> Path:
 
     lora = lora_tensors(loaded.tensors)
     if not lora:
-        raise ValueError(f"{source} has no LoRA weights (no UNet tensors named lora_*): it trained the full model. "
-                         "Export it with --format diffusers or --format single-file instead.")
+        raise CheckpointError(f"{source} has no LoRA weights (no UNet tensors named lora_*): it trained the full model. "
+                              "Export it with --format diffusers or --format single-file instead.")
     # peft names the adapter inside the model (`.lora_A.default.weight`); LoRA files leave it out.
     tensors = {"unet." + name.replace(".default.", "."): t for name, t in lora.items()}
     metadata = {"stablediff.step": str(loaded.step)}

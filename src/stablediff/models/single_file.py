@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, StableDiffusionInpaintPipeline, StableDiffusionPipeline, UNet2DConditionModel
 
+from stablediff.errors import ModelFileError
 from stablediff.models import architecture
 from stablediff.models.keymap import Layout, UNetLayout, VAELayout, diffusers_to_original, original_to_diffusers, \
     text_encoder_kind
@@ -47,9 +48,9 @@ def pipeline_from_state(state: dict[str, torch.Tensor], metadata: dict[str, str]
     architecture.require_components(shapes, source)
     kind = architecture.text_encoder_kind(shapes)
     if kind == "open_clip":
-        raise ValueError(f"{source} is an SD 2.x file with an OpenCLIP text encoder (cond_stage_model.model.*), "
-                         "which stablediff cannot load yet. Convert it to a diffusers folder with diffusers' own "
-                         "conversion script and give that folder instead.")
+        raise ModelFileError(f"{source} is an SD 2.x file with an OpenCLIP text encoder (cond_stage_model.model.*), "
+                             "which stablediff cannot load yet. Convert it to a diffusers folder with diffusers' own "
+                             "conversion script and give that folder instead.")
     unet_cfg, vae_cfg = architecture.model_configs(metadata, shapes)
     layout = Layout(UNetLayout.from_config(unet_cfg), VAELayout.from_config(vae_cfg),
                     "clip" if kind == "clip" else "hf")
@@ -80,8 +81,8 @@ def scheduler_from_metadata(metadata: dict[str, str]):
     name = stored["class"]
     cls = getattr(diffusers, name, None) if name.endswith("Scheduler") else None
     if cls is None:
-        raise ValueError(f"the file's metadata names an unknown scheduler {name!r}; remove the "
-                         f"'{META}scheduler' metadata entry to use the default")
+        raise ModelFileError(f"the file's metadata names an unknown scheduler {name!r}; remove the "
+                             f"'{META}scheduler' metadata entry to use the default")
     return cls.from_config(stored["config"])
 
 
@@ -130,8 +131,8 @@ def load_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], comp
         key, got, want = wrong[0]
         problem = f"tensor {key!r} has shape {list(got)} where the architecture needs {list(want)}"
     if problem:
-        raise ValueError(f"the {component} weights in {source} do not fit the {component} architecture: {problem}. "
-                         "The file is damaged, incomplete, or not a Stable Diffusion 1.x/2.x model.")
+        raise ModelFileError(f"the {component} weights in {source} do not fit the {component} architecture: {problem}. "
+                             "The file is damaged, incomplete, or not a Stable Diffusion 1.x/2.x model.")
     # assign: a module built on the meta device takes the file's tensors themselves
     module.load_state_dict(tensors, strict=True, assign=any(p.is_meta for p in module.parameters()))
     assert not any(b.is_meta for b in module.buffers()), f"{component}: a buffer was left on the meta device"
@@ -143,7 +144,7 @@ def pipeline_state(components) -> tuple[dict[str, torch.Tensor], dict[str, str]]
     parts = components.components if hasattr(components, "components") else dict(components)
     missing = [name for name in _COMPONENTS if parts.get(name) is None]
     if missing:
-        raise ValueError(f"cannot write a single file without the pipeline's {', '.join(missing)}")
+        raise ModelFileError(f"cannot write a single file without the pipeline's {', '.join(missing)}")
     unet, vae, text_model = parts["unet"], parts["vae"], parts["text_encoder"]
     layout = Layout(UNetLayout.from_config(unet.config), VAELayout.from_config(vae.config),
                     text_encoder_kind(type(text_model).__name__))

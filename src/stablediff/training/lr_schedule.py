@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from stablediff.errors import ConfigError
+
 
 def lr_multiplier(step: int, warmup_steps: int, max_steps: int, schedule: str) -> float:
     if warmup_steps and step < warmup_steps:
@@ -15,4 +17,4 @@ def lr_multiplier(step: int, warmup_steps: int, max_steps: int, schedule: str) -
         return 0.5 * (1.0 + math.cos(math.pi * progress))
     if schedule == "linear":
         return 1.0 - progress
-    raise ValueError(f"unknown lr_schedule {schedule!r}; use constant, cosine or linear")
+    raise ConfigError(f"unknown lr_schedule {schedule!r}; use constant, cosine or linear")

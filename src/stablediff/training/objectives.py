@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from diffusers import DDPMScheduler
 
+from stablediff.errors import ConfigError
 from stablediff.models.diffusion import check_prediction_type, per_sample_loss, snr
-
 LOSS_WEIGHTINGS = ("uniform", "min_snr")
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
 
@@ -31,9 +31,9 @@ def loss_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, prediction_t
     if weighting == "uniform":
         return torch.ones(timesteps.shape, dtype=torch.float32, device=timesteps.device)
     if weighting != "min_snr":
-        raise ValueError(f"train.loss_weighting {weighting!r} is not supported; use one of {LOSS_WEIGHTINGS}")
+        raise ConfigError(f"train.loss_weighting {weighting!r} is not supported; use one of {LOSS_WEIGHTINGS}")
     if snr_gamma <= 0:
-        raise ValueError(f"train.snr_gamma must be positive (5.0 is the paper's choice), got {snr_gamma}")
+        raise ConfigError(f"train.snr_gamma must be positive (5.0 is the paper's choice), got {snr_gamma}")
     ratio = snr(scheduler, timesteps)
     clipped = ratio.clamp(max=snr_gamma)
     if prediction_type == "sample":
@@ -49,7 +49,7 @@ def offset_noise(noise: torch.Tensor, offset: float, generator: torch.Generator)
     (Guttenberg 2023, crosslabs "Diffusion with Offset Noise"): lets the model learn to
     change an image's mean brightness, i.e. produce very dark or bright images. 0 disables."""
     if offset < 0:
-        raise ValueError(f"train.noise_offset must be >= 0 (0.05-0.1 is typical), got {offset}")
+        raise ConfigError(f"train.noise_offset must be >= 0 (0.05-0.1 is typical), got {offset}")
     if offset == 0:
         return noise
     batch, channels = noise.shape[:2]
@@ -69,9 +69,9 @@ def sample_timesteps(batch_size: int, num_train_timesteps: int, generator: torch
     if method == "uniform":
         return torch.randint(0, num_train_timesteps, (batch_size,), generator=generator, device=generator.device)
     if method != "logit_normal":
-        raise ValueError(f"train.timestep_sampling {method!r} is not supported; use one of {TIMESTEP_SAMPLINGS}")
+        raise ConfigError(f"train.timestep_sampling {method!r} is not supported; use one of {TIMESTEP_SAMPLINGS}")
     if logit_std <= 0:
-        raise ValueError(f"train.logit_std must be positive (1.0 is SD3's choice), got {logit_std}")
+        raise ConfigError(f"train.logit_std must be positive (1.0 is SD3's choice), got {logit_std}")
     normal = torch.randn((batch_size,), generator=generator, device=generator.device, dtype=torch.float64)
     u = torch.sigmoid(logit_mean + logit_std * normal)
     return (u * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)

@@ -13,13 +13,15 @@ from dataclasses import dataclass
 
 import torch
 
+from stablediff.errors import ConfigError
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise ValueError("train.device is 'cuda' but torch sees no CUDA GPU here; use 'auto' or 'cpu'")
+            raise ConfigError("train.device is 'cuda' but torch sees no CUDA GPU here; use 'auto' or 'cpu'")
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
 

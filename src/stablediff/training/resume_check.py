@@ -16,6 +16,7 @@ from typing import Callable
 
 from stablediff.config import RunConfig
 from stablediff.config.changes import SAFE, ConfigChange, diff_configs
+from stablediff.errors import ConfigError
 from stablediff.training import state as train_state
 
 # Fingerprints every checkpoint holds -> what a different one means. New code is not
@@ -25,7 +26,7 @@ FINGERPRINT_RULES = {"data": "data order (the images or captions read differ)",
 CHANGES_META_KEY = "config_changes"
 
 
-class ConfigChangeRefused(ValueError):
+class ConfigChangeRefused(ConfigError):
     """The resumed run's config or data differs from its checkpoint's in a way that alters the run."""
 
 

@@ -27,6 +27,7 @@ from stablediff.training import state as train_state
 from stablediff.training.checkpointing import RunCheckpointer, find_resume, open_stores
 from stablediff.data.feature_cache import FeatureCache
 from stablediff.training.encoded_dataset import bucket_step, encode_dataset_cached
+from stablediff.errors import ConfigError, PathExistsError
 from stablediff.training.finished import completed_step, outputs_up_to_date
 from stablediff.training.metrics import MetricsLog
 from stablediff.training.resume_check import ResumeCheck, explain_load_errors, start_resume_check
@@ -60,7 +61,7 @@ def say(message: str) -> None:
 def prepare_run_dir(config: RunConfig, run_dir: Path, fresh: bool) -> None:
     """The folders; config.yaml is written by `commit_run_files` once a resume has been checked."""
     if fresh and run_dir.exists() and has_run_content(run_dir):  # the lock and owner file are no content
-        raise FileExistsError(f"--fresh: {run_dir} is not empty; choose a new --run-dir or remove it")
+        raise PathExistsError(f"--fresh: {run_dir} is not empty; choose a new --run-dir or remove it")
     run_dir.mkdir(parents=True, exist_ok=True)
     for sub in ("samples", "export"):
         (run_dir / sub).mkdir(exist_ok=True)
@@ -131,7 +132,6 @@ class Stage2:
 def run_training(config: RunConfig, run_dir: Path, fresh: bool = False, trust_pickle: bool = False,
                  allow_config_change: bool = False) -> RunResult:
     """A whole run; under torchrun every rank calls this and rank 0 writes the run directory."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     dist_info = distributed.from_environment()
@@ -258,9 +258,9 @@ def cache_features(config: RunConfig, run_dir: Path, trust_pickle: bool = False)
     primary, replicas = open_stores(run_dir, config.checkpoint)
     resume = find_resume(primary, replicas, say)
     if resume is None and not config.vae.pretrained:
-        raise ValueError(f"no VAE to encode with: {run_dir} has no checkpoint yet and vae.pretrained is not set. "
-                         "Run `stablediff train` (stage 1 trains the VAE and then caches features itself), "
-                         "or set vae.pretrained to a local diffusers VAE folder.")
+        raise ConfigError(f"no VAE to encode with: {run_dir} has no checkpoint yet and vae.pretrained is not set. "
+                          "Run `stablediff train` (stage 1 trains the VAE and then caches features itself), "
+                          "or set vae.pretrained to a local diffusers VAE folder.")
     loaded = load_training_images(config, run_dir)
     text_encoder = load_text_encoder(config.text_encoder.name, config.text_encoder.max_length, trust_pickle)
     vae, _ = vae_stage(config, loaded.images, loaded.held_out, resume, MetricsLog(run_dir / "metrics.jsonl"),

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from stablediff import run_schema as schema
 from stablediff.config import RunConfig
+from stablediff.errors import CheckpointError
 from stablediff.models.build import build_vae, count_parameters
 from stablediff.training import state as train_state
 from stablediff.training.checkpointing import RunCheckpointer, open_stores
@@ -54,9 +55,9 @@ def vae_stage(config: RunConfig, images, held_out, resume, metrics: MetricsLog |
     if config.vae.pretrained or config.vae.train_steps <= 0:
         return vae.requires_grad_(False).eval(), None
     if saves is None:
-        raise ValueError(f"the run's autoencoder is not trained yet (stage 1 stopped at step "
-                         f"{saved['vae_step'] if saved else 0} of {config.vae.train_steps}); "
-                         "finish it with `stablediff train` first")
+        raise CheckpointError(f"the run's autoencoder is not trained yet (stage 1 stopped at step "
+                              f"{saved['vae_step'] if saved else 0} of {config.vae.train_steps}); "
+                              "finish it with `stablediff train` first")
     report = train_and_save(config, vae, images, held_out, resume, metrics, saves)
     saves.say(f"autoencoder held-out reconstruction: MSE {report.held_out_mse:.4f}, "
               f"PSNR {report.held_out_psnr:.1f} dB")

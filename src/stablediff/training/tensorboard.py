@@ -14,13 +14,15 @@ from typing import Mapping
 
 import numpy as np
 
+from stablediff.errors import ConfigError
+
 
 class TensorBoardLog:
     def __init__(self, log_dir: Path) -> None:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as error:  # torch needs the separate `tensorboard` package for this
-            raise ImportError("TensorBoard logging needs the `tensorboard` package: pip install tensorboard "
+            raise ConfigError("TensorBoard logging needs the `tensorboard` package: pip install tensorboard "
                               f"(or turn TensorBoard logging off) [{error}]") from error
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from stablediff.config.schema import DataConfig, GuardConfig, TrainConfig
 from stablediff.data.order import BatchOrder, BucketBatchOrder, make_batch_order
+from stablediff.errors import UserError
 from stablediff.training.ema import EMA
 from stablediff.training.batches import draw_batch
 from stablediff.training.encoded_dataset import EncodedDataset
@@ -62,7 +63,7 @@ class UNetTrainState:
         self.lr_scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError, RuntimeError):
     """The divergence guard gave up (no rollback possible, or too many); checkpoints stay intact."""
 
 

@@ -21,6 +21,8 @@ from typing import Literal, TypeVar
 
 import fsspec
 
+from stablediff.errors import DataError
+
 CaptionPolicy = Literal["error", "empty", "filename"]
 CAPTION_POLICIES: tuple[str, ...] = ("error", "empty", "filename")
 
@@ -50,7 +52,7 @@ class RawSample:
     detail: str = ""
 
 
-class SourceError(ValueError):
+class SourceError(DataError):
     """A data source that cannot be opened: missing, unknown format, malformed index."""
 
 
