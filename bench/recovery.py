@@ -1,14 +1,15 @@
-"""Recovery: time from SIGKILL to the first resumed training step, split into its parts.
+"""Recovery: time from relaunch to the first resumed training step, split into its parts.
 
     .venv/bin/python bench/recovery.py [--config digits] [--trials 3]
 
 Starts `stablediff train`, waits for a checkpoint, SIGKILLs it, starts it again and
-reads the "resumed" record the run writes to metrics.jsonl. Phases:
-  process start   kill -> the new process is launched
-  imports         launch -> the run begins (interpreter, torch, diffusers imports, config)
-  manifest scan   listing the store's manifests
-  load + verify   reading the newest checkpoint, every chunk hashed against its name
-  rebuild         data, text encoder, models, latent encoding, state restored
+times the new process from outside: when it is launched, when it says "resumed from
+step N" on stderr, when it says "stage 2: ..." (ready to train), and when the
+"resumed" record of its first step appears in metrics.jsonl. Phases:
+  start-up        launch -> "resumed from": interpreter, imports, config, manifest scan, load + verify
+    manifest scan   listing the store's manifests          } timed in this process on the same
+    load + verify   the newest checkpoint, every chunk hashed } checkpoint, after the kill
+  rebuild         data, text encoder, models, latent encoding, state restored, validation set
   first step      the first resumed training step
 Writes bench/results/recovery-<time>.json.
 """
@@ -21,20 +22,38 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 from _common import REPO, write_result  # bench/ is on sys.path when a script runs
 
-PHASES = [("process start", "kill", "spawned"), ("imports", "spawned", "run_start"),
-          ("manifest scan", "run_start", "scanned"), ("load + verify", "scanned", "loaded"),
-          ("rebuild", "loaded", "rebuilt"), ("first step", "rebuilt", "first_step")]
+PHASES = [("start-up", "spawned", "resumed"), ("rebuild", "resumed", "ready"), ("first step", "ready", "first_step")]
+# What the run prints when each mark is reached (the start of a stderr line).
+SAID = {"resumed": "resumed from step", "ready": "stage 2:"}
 
 
-def launch(run_dir: Path, config: str) -> subprocess.Popen:
-    args = [sys.executable, "-m", "stablediff", "train", config, "--run-dir", str(run_dir),
-            "--set", "train.max_steps=100000", "--set", "checkpoint.every_steps=10"]
-    return subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+class Run:
+    """A `stablediff train` process and the times its stderr lines arrived."""
+
+    def __init__(self, run_dir: Path, config: str) -> None:
+        args = [sys.executable, "-m", "stablediff", "train", config, "--run-dir", str(run_dir),
+                "--set", "train.max_steps=100000", "--set", "checkpoint.every_steps=10"]
+        self.marks = {"spawned": time.time()}
+        self.proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:  # read to the end: a full pipe would block the run
+            for mark, start in SAID.items():
+                if line.startswith(start):
+                    self.marks.setdefault(mark, time.time())
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        self._reader.join()
 
 
 def wait_for_checkpoint(run_dir: Path, after: int, timeout: float = 900) -> None:
@@ -48,15 +67,33 @@ def wait_for_checkpoint(run_dir: Path, after: int, timeout: float = 900) -> None
     raise TimeoutError("no checkpoint appeared")
 
 
-def resumed_record(run_dir: Path, timeout: float = 900) -> dict:
+def wait_for_resumed_record(run: Run, run_dir: Path, timeout: float = 900) -> dict:
+    """The run's "resumed" record, with the time it was first seen (polled every 10 ms)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        for line in (run_dir / "metrics.jsonl").read_text().splitlines()[::-1]:
-            record = json.loads(line)
+        metrics = run_dir / "metrics.jsonl"
+        for line in (metrics.read_text().splitlines() if metrics.is_file() else []):
+            record = json.loads(line) if line.endswith("}") else {}  # a line being written is skipped
             if record.get("event") == "resumed":
+                run.marks["first_step"] = time.time()
                 return record
-        time.sleep(0.2)
+        if run.proc.poll() is not None:
+            raise RuntimeError(f"the run exited with status {run.proc.returncode} before resuming")
+        time.sleep(0.01)
     raise TimeoutError("the run did not resume")
+
+
+def time_scan_and_load(run_dir: Path) -> dict[str, float]:
+    """What the run's find_resume does first, timed here on the same store."""
+    from stablediff.checkpoint import CheckpointStore
+
+    CheckpointStore(run_dir / "checkpoints").load()  # untimed: the imports a first load does (torch, ...)
+    store = CheckpointStore(run_dir / "checkpoints")  # a new store: it knows no chunk yet, so it hashes each
+    started = time.perf_counter()
+    store.steps()
+    scanned = time.perf_counter()
+    store.load()
+    return {"manifest scan": scanned - started, "load + verify": time.perf_counter() - scanned}
 
 
 def main() -> None:
@@ -67,27 +104,26 @@ def main() -> None:
     trials = []
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
-        proc = launch(run_dir, args.config)
+        run = Run(run_dir, args.config)
         for _ in range(args.trials):
             wait_for_checkpoint(run_dir, after=10)
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            kill = time.time()
+            run.kill()
+            inside = time_scan_and_load(run_dir)
             (run_dir / "metrics.jsonl").write_text("")
-            spawned = time.time()
-            proc = launch(run_dir, args.config)
-            record = resumed_record(run_dir)
-            marks = {"kill": kill, "spawned": spawned, **{k[2:]: v for k, v in record.items() if k.startswith("t_")}}
-            trials.append({name: marks[b] - marks[a] for name, a, b in PHASES} | {"step": record["step"]})
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    mean = {name: sum(t[name] for t in trials) / len(trials) for name, _, _ in PHASES}
-    total = sum(mean.values())
-    for name, value in mean.items():
-        print(f"{name:16}{value:8.2f} s {value / total:6.1%}")
-    print(f"{'total':16}{total:8.2f} s  (mean of {len(trials)} kills, config {args.config})")
-    result = {"config": args.config, "trials": trials, "mean_s": mean, "total_s": total}
-    write_result("recovery", result)
+            run = Run(run_dir, args.config)
+            record = wait_for_resumed_record(run, run_dir)
+            trials.append({name: run.marks[b] - run.marks[a] for name, a, b in PHASES} | inside
+                          | {"step": record["step"]})
+        run.kill()
+    names = [name for name, _, _ in PHASES] + ["manifest scan", "load + verify"]
+    mean = {name: sum(t[name] for t in trials) / len(trials) for name in names}
+    total = sum(mean[name] for name, _, _ in PHASES)
+    for name in names:
+        indent = "  " if name in ("manifest scan", "load + verify") else ""
+        print(f"{indent + name:16}{mean[name]:8.2f} s {mean[name] / total:6.1%}")
+    print(f"{'total':16}{total:8.2f} s  (launch -> first resumed step, mean of {len(trials)} kills, "
+          f"config {args.config})")
+    write_result("recovery", {"config": args.config, "trials": trials, "mean_s": mean, "total_s": total})
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from PIL import Image
 from _common import machine, write_result  # bench/ is on sys.path when a script runs
 from stablediff.config import load_config
 from stablediff.data.digits import load_digits
+from stablediff.training.context import RunContext
 from stablediff.training.ema import EMA
 from stablediff.training.metrics import MetricsLog
 from stablediff.training.run import build_stage2
@@ -105,15 +106,14 @@ def main() -> None:
                                     *args.overrides])
     batch = config.train.batch_size
     with tempfile.TemporaryDirectory() as tmp:
-        stage = build_stage2(config, Path(tmp), None, MetricsLog(Path(tmp) / "metrics.jsonl"), False)
+        stage = build_stage2(RunContext(config, Path(tmp), MetricsLog(Path(tmp) / "metrics.jsonl")), None, False)
         train, _ = load_digits(config.data.resolution)
         baseline = DiffusersStyleLoop(stage, config, [Image.fromarray(a) for a in train.images], [train.captions_for(i)
                                                                           for i in range(len(train))])
 
         def ours(steps: int) -> None:
             config.train.max_steps = stage.state.step + steps
-            train_unet(stage.state, stage.data, stage.noise_scheduler, config.train, stage.scaling_factor,
-                       config.data, config.seed, None)
+            train_unet(stage.state, stage.data, stage.noise_scheduler, stage.scaling_factor, RunContext(config))
 
         def theirs(steps: int) -> None:
             for _ in range(steps):

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from stablediff.checkpoint import CheckpointStore, lineage
-from stablediff.config.schema import CheckpointConfig, DataConfig, GuardConfig, TrainConfig
+from stablediff.config.schema import CheckpointConfig, GuardConfig, RunConfig, TrainConfig
 from stablediff.data.order import BatchOrder
+from stablediff.models.diffusion import make_noise_scheduler
 from stablediff.training import state as train_state
 from stablediff.training.checkpointing import RunCheckpointer, find_resume
-from stablediff.models.diffusion import make_noise_scheduler
+from stablediff.training.context import RunContext
 from stablediff.training.encoded_dataset import EncodedDataset
 from stablediff.training.rollback import batches_to_skip, roll_back
 from stablediff.training.unet_stage import LoopHooks, make_train_state, train_unet
@@ -48,7 +49,7 @@ class Run:
 
     def train_to(self, max_steps: int) -> None:
         cfg = CFG.model_copy(update={"max_steps": max_steps})
-        train_unet(self.state, self.data, make_noise_scheduler(), cfg, 1.0, DataConfig(), 0, None,
+        train_unet(self.state, self.data, make_noise_scheduler(), 1.0, RunContext(RunConfig(train=cfg, seed=0)),
                    LoopHooks(after_step=self.after_step))
         self.checkpointer.wait()
 

@@ -6,8 +6,10 @@ parameters in its PNG metadata; `--list-samplers` says which samplers exist.
 
 from __future__ import annotations
 
+import functools
 import re
 import warnings
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import click
@@ -45,7 +47,10 @@ def next_index(out: Path) -> int:
     return max(numbers, default=-1) + 1
 
 
-def print_samplers() -> None:
+def print_samplers(ctx: click.Context, _param, value: bool) -> None:
+    """`--list-samplers`: eager, like --help, so it answers whatever else the command line holds."""
+    if not value or ctx.resilient_parsing:
+        return
     from stablediff.inference.schedulers import DEFAULT_SAMPLER, SAMPLERS
 
     width = max(len(name) for name in SAMPLERS)
@@ -53,70 +58,151 @@ def print_samplers() -> None:
         default = " [default]" if sampler.name == DEFAULT_SAMPLER else ""
         needs = f" (needs {sampler.requires})" if sampler.requires else ""
         click.echo(f"{sampler.name:<{width}}  {sampler.class_name:<32} {sampler.description}{needs}{default}")
+    ctx.exit()
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """What the command line says about the images to make, as given: `request(prompt)` turns the settings
+    into the GenerationRequest the Python API and the server take; the init image and mask are inputs."""
+
+    negative: str | None
+    steps: int
+    sampler: str
+    guidance: float
+    seed: int
+    num: int
+    size: str | None  # "WxH"
+    init_image: Path | None
+    strength: float | None
+    mask: Path | None
+    loras: tuple[str, ...]  # "PATH[:SCALE]"
+
+    def check_inputs(self) -> None:
+        if self.mask is not None and self.init_image is None:
+            raise click.UsageError("--mask needs --init, the image to paint into")
+        if self.strength is not None and self.init_image is None:
+            raise click.UsageError("--strength applies to img2img and inpainting; give --init IMG")
+
+    def request(self, prompt: str):
+        from stablediff.inference.lora import parse_lora_arg
+        from stablediff.inference.request import GenerationRequest
+
+        return GenerationRequest(prompt, negative_prompt=self.negative, steps=self.steps, sampler=self.sampler,
+                                 guidance_scale=self.guidance, seed=self.seed, num=self.num,
+                                 size=parse_size(self.size), strength=self.strength,
+                                 loras=tuple(parse_lora_arg(text) for text in self.loras))
+
+
+GENERATION_OPTIONS = (
+    click.option("--negative", default=None, help="Negative prompt."),
+    click.option("--steps", default=20, show_default=True, type=click.IntRange(1, 1000)),
+    click.option("--scheduler", "--sampler", "sampler", default="dpmpp_2m", show_default=True, metavar="NAME",
+                 help="Sampler; see --list-samplers."),
+    click.option("--guidance", default=3.0, show_default=True, type=click.FloatRange(0), help="CFG scale."),
+    click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Image i uses seed + i."),
+    click.option("--num", default=1, show_default=True, type=click.IntRange(1, 256), help="Images to make."),
+    click.option("--size", default=None, metavar="WxH",
+                 help="Image size (default: the model's, or the init image's)."),
+    click.option("--init", "init_image", type=click.Path(path_type=Path), default=None,
+                 help="img2img: start from this image."),
+    click.option("--strength", default=None, type=float, help="img2img/inpaint: how much to redraw, 0-1 [0.75]."),
+    click.option("--mask", type=click.Path(path_type=Path), default=None,
+                 help="Inpaint: white = redraw, black = keep (needs --init)."),
+    click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]", help="A LoRA to apply (repeatable)."),
+)
+
+
+def generation_options(command):
+    """The generation options, handed to `command` as one GenerationOptions argument `options`."""
+    names = [field.name for field in fields(GenerationOptions)]
+
+    @functools.wraps(command)
+    def with_options(**kwargs):
+        options = GenerationOptions(**{name: kwargs.pop(name) for name in names})
+        return command(options=options, **kwargs)
+
+    for option in reversed(GENERATION_OPTIONS):
+        with_options = option(with_options)
+    return with_options
+
+
+@dataclass(frozen=True)
+class ImageOutput:
+    """Where the PNGs go (`--out`) and whether they record absolute paths (`--embed-paths`)."""
+
+    folder: Path
+    embed_paths: bool = False
+
+    def check(self) -> None:
+        check_folder_target(self.folder, "--out")  # before any model is loaded
+
+    def write(self, images, seed: int) -> None:
+        from stablediff.inference.api import save_png
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        start = next_index(self.folder)
+        for i, image in enumerate(images):
+            click.echo(str(save_png(image, self.folder / f"{start + i:05d}-{seed + i}.png", self.embed_paths)))
+
+
+def image_output(command):
+    """`--out` and `--embed-paths`, handed to `command` as one ImageOutput argument `output`."""
+
+    @functools.wraps(command)
+    def with_output(out: Path, embed_paths: bool, **kwargs):
+        return command(output=ImageOutput(out, embed_paths), **kwargs)
+
+    with_output = click.option(
+        "--embed-paths", is_flag=True, help="Record absolute paths of the model, LoRAs and images in the "
+        "PNG (default: relative to --out, so shared images do not reveal your folders).")(with_output)
+    return click.option("--out", type=click.Path(path_type=Path), default=Path("outputs"),
+                        show_default=True)(with_output)
 
 
 @click.command()
 @click.argument("model", required=False, type=click.Path(path_type=Path))
 @click.argument("prompt", required=False)
-@click.option("--negative", default=None, help="Negative prompt.")
-@click.option("--steps", default=20, show_default=True, type=click.IntRange(1, 1000))
-@click.option("--scheduler", "--sampler", "sampler", default="dpmpp_2m", show_default=True, metavar="NAME",
-              help="Sampler; see --list-samplers.")
-@click.option("--guidance", default=3.0, show_default=True, type=click.FloatRange(0), help="CFG scale.")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Image i uses seed + i.")
-@click.option("--num", default=1, show_default=True, type=click.IntRange(1, 256), help="Images to make.")
-@click.option("--size", default=None, metavar="WxH", help="Image size (default: the model's, or the init image's).")
-@click.option("--init", "init_image", type=click.Path(path_type=Path), default=None,
-              help="img2img: start from this image.")
-@click.option("--strength", default=None, type=float, help="img2img/inpaint: how much to redraw, 0-1 [0.75].")
-@click.option("--mask", type=click.Path(path_type=Path), default=None,
-              help="Inpaint: white = redraw, black = keep (needs --init).")
-@click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]", help="A LoRA to apply (repeatable).")
+@generation_options
 @click.option("--step", type=click.IntRange(0), default=None, help="Run directory: use the checkpoint of this step.")
 @click.option("--best", is_flag=True, help="Run directory: use the best checkpoint.")
 @click.option("--from-png", "from_png", type=click.Path(path_type=Path), default=None,
               help="Make the image in this PNG again from its metadata.")
-@click.option("--list-samplers", is_flag=True, help="List the samplers and exit.")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("outputs"), show_default=True)
-@click.option("--embed-paths", is_flag=True, help="Record absolute paths of the model, LoRAs and images in the "
-              "PNG (default: relative to --out, so shared images do not reveal your folders).")
+@click.option("--list-samplers", is_flag=True, is_eager=True, expose_value=False, callback=print_samplers,
+              help="List the samplers and exit.")
+@image_output
 @trust_pickle_option
-def generate(model, prompt, negative, steps, sampler, guidance, seed, num, size, init_image, strength, mask,
-             loras, step, best, from_png, list_samplers: bool, out: Path, embed_paths: bool,
+def generate(model, prompt, options: GenerationOptions, step, best, from_png, output: ImageOutput,
              trust_pickle: bool) -> None:
     """Generate images for PROMPT with MODEL (a run directory, diffusers folder or .safetensors file).
 
     The same seed gives the same image on any device; each PNG carries its parameters (A1111 infotext).
     """
-    if list_samplers:
-        print_samplers()
-        return
     if from_png is not None:
         if prompt is not None:
             raise click.UsageError("with --from-png give at most MODEL; the prompt comes from the image")
         check_from_png_model(model)
-        check_folder_target(out, "--out")  # before any model is loaded
-        regenerate(from_png, model, out, loras, init_image, mask, step, best, trust_pickle, embed_paths)
+        output.check()
+        regenerate(from_png, model, options, step, best, output, trust_pickle)
         return
     if model is None or prompt is None:
         raise click.UsageError("give MODEL and PROMPT (or --from-png IMG, or --list-samplers)")
-    if mask is not None and init_image is None:
-        raise click.UsageError("--mask needs --init, the image to paint into")
-    if strength is not None and init_image is None:
-        raise click.UsageError("--strength applies to img2img and inpainting; give --init IMG")
-    from stablediff.inference.api import load_pipeline
-    from stablediff.inference.lora import parse_lora_arg
-    from stablediff.inference.request import GenerationRequest
+    options.check_inputs()
+    request = options.request(prompt)
+    if options.init_image is not None and not options.init_image.is_file():
+        raise UserError(f"init image {options.init_image} does not exist; give the path of a PNG or JPEG image")
+    output.check()
+    loaded = load_model(model, step, best, trust_pickle)
+    output.write(run_request(loaded, request, options.init_image, options.mask), request.seed)
 
-    request = GenerationRequest(prompt, negative, steps, sampler, guidance, seed, num, parse_size(size),
-                                strength, tuple(parse_lora_arg(text) for text in loras))
-    if init_image is not None and not init_image.is_file():
-        raise UserError(f"init image {init_image} does not exist; give the path of a PNG or JPEG image")
-    check_folder_target(out, "--out")  # before any model is loaded
+
+def load_model(model: Path, step: int | None, best: bool, trust_pickle: bool):
+    from stablediff.inference.api import load_pipeline
+
     loaded = load_pipeline(model, step=step, best=best, trust_pickle=trust_pickle)
     if loaded.source.note:  # e.g. a run whose export is older than its newest checkpoint
         click.echo(f"note: {loaded.source.note}", err=True)
-    write_images(run_request(loaded, request, init_image, mask), out, seed, embed_paths)
+    return loaded
 
 
 def run_request(loaded, request, init_image, mask) -> list:
@@ -130,31 +216,18 @@ def run_request(loaded, request, init_image, mask) -> list:
         return loaded.generate(request, init_image=init_image, mask=mask)
 
 
-def write_images(images, out: Path, seed: int, embed_paths: bool = False) -> None:
-    from stablediff.inference.api import save_png
-
-    out.mkdir(parents=True, exist_ok=True)
-    start = next_index(out)
-    for i, image in enumerate(images):
-        click.echo(str(save_png(image, out / f"{start + i:05d}-{seed + i}.png", embed_paths)))
-
-
-def regenerate(png: Path, model, out: Path, loras, init_image, mask, step, best, trust_pickle: bool,
-               embed_paths: bool = False) -> None:
+def regenerate(png: Path, model, options: GenerationOptions, step, best, output: ImageOutput,
+               trust_pickle: bool) -> None:
     """Make the image in `png` again; MODEL, --lora, --init, --mask override where its metadata says they were."""
-    from stablediff.inference.api import load_pipeline
     from stablediff.inference.lora import parse_lora_arg
     from stablediff.inference.recreate import plan_recreation
 
     # A scale given with --lora is ignored here: the image's own LoRA weights are what re-create it.
-    lora_paths = tuple(parse_lora_arg(text).path for text in loras)
-    plan = plan_recreation(png, model, lora_paths, init_image, mask, step, best)
-    loaded = load_pipeline(plan.model, step=plan.step, best=plan.best, trust_pickle=trust_pickle)
-    if loaded.source.note:
-        click.echo(f"note: {loaded.source.note}", err=True)
+    lora_paths = tuple(parse_lora_arg(text).path for text in options.loras)
+    plan = plan_recreation(png, model, lora_paths, options.init_image, options.mask, step, best)
+    loaded = load_model(plan.model, plan.step, plan.best, trust_pickle)
     if plan.model_hash and plan.model_hash != loaded.model_hash:
         click.secho(f"warning: {png} was made with model hash {plan.model_hash}, {plan.model} has "
                     f"{loaded.model_hash}; the image will differ", fg="yellow", err=True)
     images = run_request(loaded, plan.request, plan.init_image, plan.mask)
-    write_images(images, out, plan.request.seed, embed_paths)
-
+    output.write(images, plan.request.seed)

@@ -31,16 +31,13 @@ def open_stores(run_dir: Path, cfg: CheckpointConfig) -> tuple[CheckpointStore, 
 
 
 def find_resume(primary: CheckpointStore, replicas: list[CheckpointStore], say: Callable[[str], None],
-                timings: dict[str, float] | None = None, announce: bool = True) -> LoadedCheckpoint | None:
+                announce: bool = True) -> LoadedCheckpoint | None:
     """The newest verifying checkpoint, or None for a fresh run; says what it skipped or repaired.
 
-    `timings` receives wall-clock marks (manifest scan done, load and verification done)
-    for the recovery benchmark. `announce=False` leaves "resumed from step N" to the
-    caller, which first checks that the config and data still fit the checkpoint.
+    `announce=False` leaves "resumed from step N" to the caller, which first checks
+    that the config and data still fit the checkpoint.
     """
-    timings = {} if timings is None else timings
     found = bool(primary.steps()) or any(_has_checkpoints(r) for r in replicas)
-    timings["scanned"] = time.time()
     if not found:
         return None
     try:
@@ -48,7 +45,6 @@ def find_resume(primary: CheckpointStore, replicas: list[CheckpointStore], say: 
     except CheckpointError as exc:
         raise CheckpointError(f"cannot resume from {primary}: {exc}. Run `stablediff ckpt verify` and "
                               "`stablediff ckpt repair` on the run directory, or start a fresh run directory.") from None
-    timings["loaded"] = time.time()
     for note in loaded.notes():
         say(note)
     if announce:

@@ -9,9 +9,8 @@ taken at a validation step carries that step's `val_loss` (what keep_best ranks)
 from __future__ import annotations
 
 import sys
-import time
-from pathlib import Path
 
+from stablediff.training.context import RunContext
 from stablediff.training.periodic import make_validation_set, run_validation, write_samples
 from stablediff.training import state as train_state
 from stablediff.training.rollback import logged_rollbacks, roll_back, rollback_event
@@ -20,16 +19,15 @@ from stablediff.training.unet_stage import LoopHooks, TrainingDiverged, UNetTrai
 
 
 class RunHooks(LoopHooks):
-    def __init__(self, config, run_dir: Path, stage, checkpointer, metrics, resume, timings: dict,
-                 dist_info, tensorboard=None) -> None:
+    def __init__(self, run: RunContext, stage, checkpointer, resume, tensorboard=None) -> None:
         super().__init__(after_step=self._after_step, rollback=self._rollback)
-        self.config, self.run_dir, self.stage, self.checkpointer = config, run_dir, stage, checkpointer
-        self.metrics, self.resume, self.timings, self.dist = metrics, resume, timings, dist_info
+        self.config, self.run_dir, self.metrics, self.dist = run.config, run.run_dir, run.metrics, run.dist
+        self.stage, self.checkpointer, self.resume = stage, checkpointer, resume
         self.tensorboard = tensorboard
         self._log_continued_rollback()
         self.val_loss: float | None = None
         self.validation_set = None
-        if config.train.validate_every and dist_info.is_main:
+        if run.config.train.validate_every and run.dist.is_main:
             self.validation_set = make_validation_set(stage.vae, stage.held_out, stage.text_encoder,
                                                       stage.scaling_factor, stage.held_out_captions)
 
@@ -42,9 +40,7 @@ class RunHooks(LoopHooks):
     def _after_step(self, state: UNetTrainState) -> None:
         if self.resume is not None and state.step == self.resume.step + 1 and self.metrics is not None:
             resumed, self.resume = self.resume.step, None  # once: a rollback to that step must not log it again
-            # the recovery timeline, for bench/recovery.py
-            self.metrics.write(event="resumed", step=resumed,
-                               **{f"t_{k}": v for k, v in self.timings.items()}, t_first_step=time.time())
+            self.metrics.write(event="resumed", step=resumed)
         validated = self._maybe_validate(state)
         self._maybe_sample(state)
         self.checkpointer.after_step(state.step, self.stage.capture, self.last_metrics(state), force=validated)
@@ -97,16 +93,16 @@ class RunHooks(LoopHooks):
             self.tensorboard.close()
 
 
-def make_hooks(config, run_dir: Path, stage, checkpointer, metrics, resume, timings: dict, dist_info) -> RunHooks:
+def make_hooks(run: RunContext, stage, checkpointer, resume) -> RunHooks:
     tensorboard = None
-    if config.train.tensorboard and dist_info.is_main:
+    if run.config.train.tensorboard and run.dist.is_main:
         from stablediff.training.tensorboard import TensorBoardLog
 
-        tensorboard = TensorBoardLog(run_dir / "tb")
+        tensorboard = TensorBoardLog(run.run_dir / "tb")
 
         def mirror(record: dict) -> None:  # per-step metrics only; events (resume, rollback) stay in the jsonl
             if "step" in record and "event" not in record:
                 tensorboard.scalars(record["step"], record, prefix=record.get("stage", ""))
 
-        metrics.mirror = mirror
-    return RunHooks(config, run_dir, stage, checkpointer, metrics, resume, timings, dist_info, tensorboard)
+        run.metrics.mirror = mirror
+    return RunHooks(run, stage, checkpointer, resume, tensorboard)

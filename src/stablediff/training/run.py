@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Callable
@@ -28,6 +27,7 @@ from stablediff.training.checkpointing import RunCheckpointer, find_resume, open
 from stablediff.data.feature_cache import FeatureCache
 from stablediff.training.encoded_dataset import bucket_step, encode_dataset_cached
 from stablediff.errors import ConfigError, PathExistsError
+from stablediff.training.context import RunContext
 from stablediff.training.finished import completed_step, outputs_up_to_date
 from stablediff.training.metrics import MetricsLog
 from stablediff.training.resume_check import ResumeCheck, explain_load_errors, start_resume_check
@@ -138,55 +138,64 @@ def run_training(config: RunConfig, run_dir: Path, fresh: bool = False, trust_pi
     device = resolve_device(config.train.device, dist_info.local_rank)
     distributed.init(dist_info, device)
     try:
-        stage = train_stage2(config, run_dir, fresh, trust_pickle, dist_info, device, allow_config_change)
+        run = open_run(config, run_dir, fresh, dist_info)
+        stage = train_stage2(run, trust_pickle, device, allow_config_change)
         return export_and_sample(config, run_dir, stage) if dist_info.is_main else None
     finally:
         distributed.shutdown()
 
 
-def train_stage2(config: RunConfig, run_dir: Path, fresh: bool, trust_pickle: bool, dist_info, device,
-                 allow_config_change: bool = False) -> Stage2:
-    """Build (or restore) stage 2 and run its loop with checkpoints, validation and rollback."""
+def open_run(config: RunConfig, run_dir: Path, fresh: bool, dist_info: distributed.DistInfo) -> RunContext:
+    """The run directory made ready (by rank 0; the others wait for it) and the run's context."""
     if dist_info.is_main:
         prepare_run_dir(config, run_dir, fresh)
     else:  # the other ranks restore the checkpoint rank 0 commits after stage 1
         distributed.barrier()
     metrics = MetricsLog(run_dir / "metrics.jsonl") if dist_info.is_main else None
+    return RunContext(config, run_dir, metrics, dist_info)
+
+
+def train_stage2(run: RunContext, trust_pickle: bool, device, allow_config_change: bool = False) -> Stage2:
+    """Build (or restore) stage 2 and run its loop with checkpoints, validation and rollback."""
+    config, run_dir, metrics, is_main = run.config, run.run_dir, run.metrics, run.dist.is_main
     primary, replicas = open_stores(run_dir, config.checkpoint)
-    timings = {"run_start": time.time()}
-    resume = find_resume(primary, replicas, say, timings, announce=False)
+    resume = find_resume(primary, replicas, say, announce=False)
     check = start_resume_check(config, run_dir, resume, allow_config_change, say)  # before any work
-    if resume is None and dist_info.is_main:
+    if resume is None and is_main:
         commit_run_files(config, run_dir, None, None, metrics, {})
     with explain_load_errors(check):
-        stage = build_stage2(config, run_dir, resume, metrics, trust_pickle, dist_info, device, check)
-    if resume is not None and dist_info.is_main:
+        stage = build_stage2(run, resume, trust_pickle, device, check)
+    if resume is not None and is_main:
         commit_run_files(config, run_dir, resume, check, metrics, stage.state.extra)
     stage.complete_at = completed_step(train_state.unet_resume(resume), config.train.max_steps)
-    timings["rebuilt"] = time.time()
     resume = train_state.unet_resume(resume)  # a stage-1 checkpoint was resumed by build_stage2
-    checkpointer = RunCheckpointer(primary, replicas, config.checkpoint, say, dist_info,
+    checkpointer = RunCheckpointer(primary, replicas, config.checkpoint, say, run.dist,
                                    rollback_window=config.guard.within_steps if config.guard.enabled else None)
-    hooks = make_hooks(config, run_dir, stage, checkpointer, metrics, resume, timings, dist_info)
+    hooks = make_hooks(run, stage, checkpointer, resume)
     try:
-        if resume is None:  # protects stage 1's work before stage 2 starts
-            checkpointer.save(0, partial(stage.capture, gather=False), {})
-            checkpointer.wait()
-        else:
-            checkpointer.mark_saved(resume.step)
-        if dist_info.is_main:
-            distributed.barrier()  # releases the other ranks: the checkpoint they restore is committed
-            say(f"stage 2: text-to-image UNet, {count_parameters(stage.state.unet) / 1e6:.2f}M parameters, "
-                f"{config.train.max_steps} steps of {describe_batch(config, dist_info)} on {len(stage.data)} images")
-        if dist_info.enabled:
-            wrap_data_parallel(stage.state)
-        train_unet(stage.state, stage.data, stage.noise_scheduler, config.train, stage.scaling_factor,
-                   config.data, config.seed, metrics, hooks, dist_info.rank, dist_info.world_size)
-        checkpointer.finish(stage.state.step, stage.capture, hooks.last_metrics(stage.state))
+        loop_stage2(run, stage, checkpointer, hooks, resume)
     finally:
         checkpointer.close()
         hooks.close()
     return stage
+
+
+def loop_stage2(run: RunContext, stage: Stage2, checkpointer: RunCheckpointer, hooks, resume) -> None:
+    """From the first checkpoint (stage 1's work, or the resumed step) through the loop to the final one."""
+    if resume is None:  # protects stage 1's work before stage 2 starts
+        checkpointer.save(0, partial(stage.capture, gather=False), {})
+        checkpointer.wait()
+    else:
+        checkpointer.mark_saved(resume.step)
+    if run.dist.is_main:
+        distributed.barrier()  # releases the other ranks: the checkpoint they restore is committed
+        say(f"stage 2: text-to-image UNet, {count_parameters(stage.state.unet) / 1e6:.2f}M parameters, "
+            f"{run.config.train.max_steps} steps of {describe_batch(run.config, run.dist)} on {len(stage.data)} "
+            "images")
+    if run.dist.enabled:
+        wrap_data_parallel(stage.state)
+    train_unet(stage.state, stage.data, stage.noise_scheduler, stage.scaling_factor, run, hooks)
+    checkpointer.finish(stage.state.step, stage.capture, hooks.last_metrics(stage.state))
 
 
 def describe_batch(config: RunConfig, dist_info) -> str:
@@ -198,27 +207,19 @@ def describe_batch(config: RunConfig, dist_info) -> str:
     return " x ".join(parts)
 
 
-def build_stage2(config: RunConfig, run_dir: Path, resume, metrics: MetricsLog | None, trust_pickle: bool,
-                 dist_info=distributed.DistInfo(), device=torch.device("cpu"), check: ResumeCheck | None = None
-                 ) -> Stage2:
+def build_stage2(run: RunContext, resume, trust_pickle: bool, device=torch.device("cpu"),
+                 check: ResumeCheck | None = None) -> Stage2:
     """Data, text encoder, VAE (stage 1), encoded features and the UNet train state.
 
     `check` compares the data and text-encoder fingerprints with the resumed checkpoint's
     as soon as both are loaded, before anything is restored."""
+    config, run_dir, dist_info = run.config, run.run_dir, run.dist
     seed_everything(config.seed)
-    # Only rank 0 writes the run's quarantine file; the others judge the same samples silently.
-    data_dir = run_dir if dist_info.is_main else Path(tempfile.mkdtemp(prefix="stablediff-rank"))
-    loaded = load_training_images(config, data_dir)
+    loaded, text_encoder, fingerprints = load_inputs(run, trust_pickle, check)
     images, held_out, captions = loaded.images, loaded.held_out, loaded.captions
-    STOP.check("after reading the data", "nothing needed saving yet")
-    text_encoder = load_text_encoder(config.text_encoder.name, config.text_encoder.max_length, trust_pickle)
-    fingerprints = {"code": train_state.code_fingerprint(), "data": train_state.data_fingerprint(images, captions),
-                    "text_encoder": text_encoder.fingerprint}
-    if check is not None:
-        check.check_fingerprints(fingerprints)
     if config.vae.enabled:
         saves = Stage1Saves(run_dir, config.model_dump(mode="json"), fingerprints, dist_info, say)
-        vae, vae_report = vae_stage(config, images, held_out, resume, metrics, trust_pickle, saves)
+        vae, vae_report = vae_stage(config, images, held_out, resume, run.metrics, trust_pickle, saves)
         data = encode_features(config, run_dir, vae, loaded, text_encoder)
         scaling_factor, latent_channels = vae.config.scaling_factor, vae.config.latent_channels
         latent_size = config.data.resolution // vae_downscale(vae)
@@ -241,6 +242,22 @@ def build_stage2(config: RunConfig, run_dir: Path, resume, metrics: MetricsLog |
     capture = partial(capture_all_ranks, state, vae, config.model_dump(mode="json"), fingerprints, dist_info)
     return Stage2(vae, text_encoder, data, state, noise_scheduler, capture, vae_report, held_out,
                   loaded.held_out_captions, scaling_factor)
+
+
+def load_inputs(run: RunContext, trust_pickle: bool, check: ResumeCheck | None):
+    """(the training images, the text encoder, their fingerprints), checked against the resumed checkpoint's."""
+    config = run.config
+    # Only rank 0 writes the run's quarantine file; the others judge the same samples silently.
+    data_dir = run.run_dir if run.dist.is_main else Path(tempfile.mkdtemp(prefix="stablediff-rank"))
+    loaded = load_training_images(config, data_dir)
+    STOP.check("after reading the data", "nothing needed saving yet")
+    text_encoder = load_text_encoder(config.text_encoder.name, config.text_encoder.max_length, trust_pickle)
+    fingerprints = {"code": train_state.code_fingerprint(),
+                    "data": train_state.data_fingerprint(loaded.images, loaded.captions),
+                    "text_encoder": text_encoder.fingerprint}
+    if check is not None:
+        check.check_fingerprints(fingerprints)
+    return loaded, text_encoder, fingerprints
 
 
 def capture_all_ranks(state, vae, config_dump: dict, fingerprints: dict, dist_info, gather: bool = True):

@@ -17,14 +17,14 @@ from typing import Callable
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
-from stablediff.config.schema import DataConfig, GuardConfig, TrainConfig
+from stablediff.config.schema import GuardConfig, TrainConfig
 from stablediff.data.order import BatchOrder, BucketBatchOrder, make_batch_order
 from stablediff.errors import UserError
 from stablediff.training.ema import EMA
 from stablediff.training.batches import draw_batch
+from stablediff.training.context import RunContext
 from stablediff.training.encoded_dataset import EncodedDataset
 from stablediff.training.lr_schedule import lr_multiplier
-from stablediff.training.metrics import MetricsLog
 from stablediff.training.distributed import mean_over_ranks
 from stablediff.training.guard import DivergenceGuard
 from stablediff.training.precision import Precision, make_optimizer, prepare_unet
@@ -102,38 +102,23 @@ def wrap_data_parallel(state: UNetTrainState) -> None:
         state.model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def train_unet(state: UNetTrainState, data: EncodedDataset, noise_scheduler: DDPMScheduler, cfg: TrainConfig,
-               scaling_factor: float, data_cfg: DataConfig, seed: int, metrics: MetricsLog | None,
-               hooks: LoopHooks | None = None, rank: int = 0, world_size: int = 1) -> UNetTrainState:
-    """Step until `cfg.max_steps`; every step is a pure function of the state and (seed, step, rank)."""
+def train_unet(state: UNetTrainState, data: EncodedDataset, noise_scheduler: DDPMScheduler, scaling_factor: float,
+               run: RunContext, hooks: LoopHooks | None = None) -> UNetTrainState:
+    """Step until `train.max_steps`; every step is a pure function of the state and (seed, step, rank)."""
     hooks = hooks or LoopHooks()
+    cfg, world_size = run.config.train, run.dist.world_size
     state.model.train()
     step_size = cfg.batch_size * cfg.gradient_accumulation_steps
     with StepProgress("unet", cfg.max_steps, start=state.step, log_every=cfg.log_every,
-                      enabled=rank == 0) as progress:
+                      enabled=run.dist.rank == 0) as progress:
         while state.step < cfg.max_steps:
             t0 = time.perf_counter()
-            for _ in range(state.pending_skip):  # after a rollback the data order moves on (PaLM)
-                state.order.next_batch(step_size)
-            state.pending_skip = 0
-            draw_step = state.step + state.skipped_batches  # and so do the step's random draws
-            indices = torch.from_numpy(state.order.next_batch(step_size))
-            latents, text_embeddings = draw_batch(data, indices, scaling_factor, data_cfg.caption_dropout, seed,
-                                                  draw_step, rank, data_cfg.flip_probability)
-            noise, timesteps = draw_noise(latents, noise_scheduler.config.num_train_timesteps, cfg, seed,
-                                          draw_step, rank)
-            batch = StepBatch(latents, text_embeddings, noise, timesteps).to(state.precision.device,
-                                                                             cfg.channels_last)
+            batch, drawn = next_step_batch(state, data, noise_scheduler, scaling_factor, run)
             verdict = optimizer_step(state, noise_scheduler, batch, cfg, step_size * world_size)
             state.step += 1
-            state.images_seen += len(indices) * world_size  # a bucket's last batch may be short
-            progress.update(state.step, state.last_loss, len(indices) * world_size)
-            if metrics is not None and (state.step % cfg.log_every == 0 or state.step == cfg.max_steps
-                                        or not verdict.ok):
-                metrics.write(stage="unet", step=state.step, loss=state.last_loss, grad_norm=verdict.grad_norm,
-                              lr=state.optimizer.param_groups[0]["lr"], images_per_second=round(
-                                  len(indices) * world_size / (time.perf_counter() - t0), 1),
-                              **({} if verdict.ok else {"skipped": verdict.reason}))
+            state.images_seen += drawn * world_size  # a bucket's last batch may be short
+            progress.update(state.step, state.last_loss, drawn * world_size)
+            log_step(run, state, verdict, drawn * world_size, t0)
             if verdict.rollback:
                 if hooks.rollback is None:
                     raise TrainingDiverged(f"training diverged at step {state.step}: {verdict.reason}")
@@ -143,6 +128,34 @@ def train_unet(state: UNetTrainState, data: EncodedDataset, noise_scheduler: DDP
                 hooks.after_step(state)
     state.model.eval()
     return state
+
+
+def next_step_batch(state: UNetTrainState, data: EncodedDataset, noise_scheduler: DDPMScheduler,
+                    scaling_factor: float, run: RunContext) -> tuple[StepBatch, int]:
+    """The step's batch and noise on the training device, and how many images it holds (this rank's)."""
+    cfg, data_cfg, seed, rank = run.config.train, run.config.data, run.config.seed, run.dist.rank
+    step_size = cfg.batch_size * cfg.gradient_accumulation_steps
+    for _ in range(state.pending_skip):  # after a rollback the data order moves on (PaLM)
+        state.order.next_batch(step_size)
+    state.pending_skip = 0
+    draw_step = state.step + state.skipped_batches  # and so do the step's random draws
+    indices = torch.from_numpy(state.order.next_batch(step_size))
+    latents, text_embeddings = draw_batch(data, indices, scaling_factor, data_cfg.caption_dropout, seed,
+                                          draw_step, rank, data_cfg.flip_probability)
+    noise, timesteps = draw_noise(latents, noise_scheduler.config.num_train_timesteps, cfg, seed, draw_step, rank)
+    batch = StepBatch(latents, text_embeddings, noise, timesteps).to(state.precision.device, cfg.channels_last)
+    return batch, len(indices)
+
+
+def log_step(run: RunContext, state: UNetTrainState, verdict: "StepVerdict", images: int, started: float) -> None:
+    """The step's record in metrics.jsonl: every `log_every` steps, at the last step, and for each skipped step."""
+    cfg = run.config.train
+    if run.metrics is None or not (state.step % cfg.log_every == 0 or state.step == cfg.max_steps or not verdict.ok):
+        return
+    run.metrics.write(stage="unet", step=state.step, loss=state.last_loss, grad_norm=verdict.grad_norm,
+                      lr=state.optimizer.param_groups[0]["lr"],
+                      images_per_second=round(images / (time.perf_counter() - started), 1),
+                      **({} if verdict.ok else {"skipped": verdict.reason}))
 
 
 def optimizer_step(state: UNetTrainState, noise_scheduler: DDPMScheduler, batch: StepBatch,
