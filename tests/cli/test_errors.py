@@ -115,7 +115,7 @@ def test_every_member_of_the_family_is_a_user_error(name):
                                   "stablediff.training.resume_check:ConfigChangeRefused",
                                   "stablediff.training.unet_stage:TrainingDiverged",
                                   "stablediff.checkpoint.lock:RunDirInUse",
-                                  "stablediff.checkpoint.errors:PickleRefusedError",
+                                  "stablediff.io.pickle_guard:PickleRefusedError",
                                   "stablediff.models.atomic_output:ExportWriteError"])
 def test_our_named_errors_are_user_errors(path):
     import importlib
