@@ -111,7 +111,7 @@ def test_every_member_of_the_family_is_a_user_error(name):
     assert issubclass(getattr(stablediff.errors, name), UserError)
 
 
-@pytest.mark.parametrize("path", ["stablediff.data.sources.base:SourceError", "stablediff.data.feature_cache:FeatureCacheError",
+@pytest.mark.parametrize("path", ["stablediff.data.sources.base:SourceError", "stablediff.data.feature_shards:FeatureCacheError",
                                   "stablediff.training.resume_check:ConfigChangeRefused",
                                   "stablediff.training.unet_stage:TrainingDiverged",
                                   "stablediff.checkpoint.lock:RunDirInUse",

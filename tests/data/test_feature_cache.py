@@ -14,14 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from stablediff.data.feature_cache import (
-    FeatureCache,
-    FeatureCacheError,
-    FeatureCacheWarning,
-    caption_key,
-    shard_name,
-    vae_fingerprint,
-)
+from stablediff.data.feature_cache import FeatureCache, caption_key, vae_fingerprint
+from stablediff.data.feature_shards import FeatureCacheError, FeatureCacheWarning, shard_name
 from stablediff.data.cache_fill import encode_all
 from stablediff.models.text_encoder import load_text_encoder
 
