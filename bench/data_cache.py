@@ -13,7 +13,7 @@ batches, timed in interleaved blocks so that machine-load drift hits every mode 
 The VAE is untrained (random weights): encode cost does not depend on the weights.
 
 Ingestion: `--images` generated 256x256 JPEGs with captions, read through the data
-pipeline (FolderSource -> Validator.judge -> upright_rgb of the decoded image, as data/loading.py does) and
+pipeline (FolderSource -> Validator.judge -> upright_rgb of the decoded image, as data/training_set.py does) and
 through Validator.judge alone, vs a plain `Image.open(p).convert("RGB")` loop.
 
 Prints tables; writes bench/results/data_cache-<time>.json.
@@ -179,7 +179,7 @@ def ingestion(count: int, repeats: int = 2) -> dict:
             validator = Validator()
             assert all(validator.judge(sample).ok for sample in open_source(str(folder)))
 
-        def pipeline():  # what data/loading.py does per sample before the resize/crop
+        def pipeline():  # what data/training_set.py does per sample before the resize/crop
             validator = Validator()
             for sample in open_source(str(folder)):
                 if validator.judge(sample).ok:

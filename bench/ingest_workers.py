@@ -27,7 +27,7 @@ from _common import REPO, write_result  # bench/ is on sys.path when a script ru
 from stablediff.data.buckets import resolve_buckets
 from stablediff.data.framing import Framing
 from stablediff.data.ingest import CHUNK_SIZE, PREFETCH_CHUNKS
-from stablediff.data.loading import load_captioned_images
+from stablediff.data.training_set import load_captioned_images
 
 SIZES = ((512, 384), (384, 512), (448, 448), (640, 320))
 RESOLUTION = 256

@@ -10,7 +10,7 @@ from PIL import Image
 
 from stablediff.data.buckets import resolve_buckets
 from stablediff.data.framing import Framing
-from stablediff.data.loading import load_captioned_images
+from stablediff.data.training_set import load_captioned_images
 from stablediff.data.validate import content_hash
 
 from .corpus import build_mixed_aspect_folder, mixed_aspect_items

@@ -7,7 +7,7 @@ import torch
 
 from stablediff.data.buckets import resolve_buckets
 from stablediff.data.framing import Framing
-from stablediff.data.loading import load_captioned_images
+from stablediff.data.training_set import load_captioned_images
 
 from .corpus import build_mixed_aspect_folder
 

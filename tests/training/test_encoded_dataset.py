@@ -8,7 +8,7 @@ from stablediff.data.digits import load_digits
 from stablediff.data.buckets import resolve_buckets
 from stablediff.data.feature_cache import FeatureCache
 from stablediff.data.framing import Framing
-from stablediff.data.loading import FramedImages, load_captioned_images
+from stablediff.data.training_set import FramedImages, load_captioned_images
 from stablediff.data.order import BucketBatchOrder
 from stablediff.data.validate import content_hash
 from stablediff.models.build import build_vae

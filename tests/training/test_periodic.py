@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from stablediff.config.schema import DataConfig
-from stablediff.data.loading import load_training_data
+from stablediff.data.training_set import load_training_data
 from stablediff.models.text_encoder import load_text_encoder
 from stablediff.training.periodic import VALIDATION_SAMPLES, make_validation_set
 

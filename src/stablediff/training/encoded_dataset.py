@@ -18,7 +18,7 @@ from diffusers import AutoencoderKL
 
 from stablediff.data.cache_fill import EncodeCounts, encode_all
 from stablediff.data.feature_cache import FeatureCache, vae_fingerprint
-from stablediff.data.loading import FramedImages
+from stablediff.data.training_set import FramedImages
 from stablediff.errors import ModelFileError
 from stablediff.models.build import vae_folder
 from stablediff.models.text_encoder import TextEncoder

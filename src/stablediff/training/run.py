@@ -19,7 +19,7 @@ import torch
 from stablediff import run_schema as schema
 from stablediff.checkpoint.lock import has_run_content
 from stablediff.config import RunConfig, dump_config
-from stablediff.data.loading import CaptionedImages, load_training_data
+from stablediff.data.training_set import CaptionedImages, load_training_data
 from stablediff.models.build import build_noise_scheduler, build_unet, count_parameters, vae_downscale
 from stablediff.models.text_encoder import load_text_encoder
 from stablediff.training import state as train_state

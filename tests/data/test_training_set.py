@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from stablediff.config.schema import DataConfig
-from stablediff.data.loading import load_training_data
+from stablediff.data.training_set import load_training_data
 
 from .corpus import encode
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -95,7 +95,7 @@ def load_captioned_images(spec: str, resolution: int, run_dir: Path, max_reject_
     framing = framing or Framing.square(resolution)
     task = IngestTask(validation, framing, resolution)
     validator = Validator(task.validation)
-    squares, captions, held, held_captions, keys, buckets, crops = [], [], [], [], [], [], []
+    kept = _Kept()
     judged = ingest(open_source(spec, caption_policy, allow_outside_paths), validator, task, num_workers)
     with Quarantine(run_dir) as quarantine, closing(judged):  # closing: a `limit` stops the workers at once
         for sample, verdict, framed in judged:
@@ -103,26 +103,45 @@ def load_captioned_images(spec: str, resolution: int, run_dir: Path, max_reject_
                 stop()
             if framed is None:
                 quarantine.add(sample, verdict)
-                continue
-            if int(verdict.content_hash[:8], 16) % HELD_OUT_EVERY == 0:
-                held.append(framed.square)
-                held_captions.append(sample.caption or "")
-                continue
-            squares.append(framed.square)
-            captions.append([sample.caption or ""])
-            keys.append(verdict.content_hash)
-            buckets.append(framed.bucket)
-            crops.append(framed.crops)
-            if limit and len(squares) >= limit:
+            elif kept.add(sample, verdict, framed) and limit and len(kept.squares) >= limit:
                 break
     check_reject_fraction(dict(validator.rejects), validator.total, max_reject_fraction, quarantine.path)
-    if not squares:
+    if not kept.squares:
         raise DataError(f"data.source {spec!r}: no usable training samples")
-    images = pixels_to_tensor(np.stack(squares))
-    held_out = pixels_to_tensor(np.stack(held)) if held else images[:1]
-    held_captions = held_captions if held else captions[0][:1]
-    return CaptionedImages(images, captions, held_out, _framed(images, framing, resolution, keys, buckets, crops),
-                           held_captions)
+    return kept.images(framing, resolution)
+
+
+@dataclass
+class _Kept:
+    """The accepted samples so far: every HELD_OUT_EVERY-th (by content hash) held out, the rest for training."""
+
+    squares: list = field(default_factory=list)
+    captions: list[list[str]] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
+    buckets: list[int] = field(default_factory=list)
+    crops: list = field(default_factory=list)
+    held: list = field(default_factory=list)
+    held_captions: list[str] = field(default_factory=list)
+
+    def add(self, sample, verdict, framed) -> bool:
+        """Keep one accepted sample; True when it went to the training set."""
+        if int(verdict.content_hash[:8], 16) % HELD_OUT_EVERY == 0:
+            self.held.append(framed.square)
+            self.held_captions.append(sample.caption or "")
+            return False
+        self.squares.append(framed.square)
+        self.captions.append([sample.caption or ""])
+        self.keys.append(verdict.content_hash)
+        self.buckets.append(framed.bucket)
+        self.crops.append(framed.crops)
+        return True
+
+    def images(self, framing: Framing, resolution: int) -> CaptionedImages:
+        images = pixels_to_tensor(np.stack(self.squares))
+        held_out = pixels_to_tensor(np.stack(self.held)) if self.held else images[:1]
+        held_captions = self.held_captions if self.held else self.captions[0][:1]
+        framed = _framed(images, framing, resolution, self.keys, self.buckets, self.crops)
+        return CaptionedImages(images, self.captions, held_out, framed, held_captions)
 
 
 def _framed(images: torch.Tensor, framing: Framing, resolution: int, keys: list[str], buckets: list[int],
