@@ -30,7 +30,7 @@ from PIL import Image
 from stablediff.data.framing import Framing, center_square
 from stablediff.data.sources.base import RawSample
 from stablediff.data.transforms import upright_rgb
-from stablediff.data.validate import ValidationConfig, Validator, Verdict, judge_image
+from stablediff.data.validate import ValidationConfig, Validator, SampleVerdict, judge_image
 from stablediff.errors import ConfigError
 
 T = TypeVar("T")
@@ -73,18 +73,18 @@ def frame_image(image: Image.Image, key: str, task: IngestTask) -> Framed:
     return Framed(bucket, crops, square)
 
 
-def prepare(sample: RawSample, task: IngestTask) -> tuple[Verdict, Framed | None]:
+def prepare(sample: RawSample, task: IngestTask) -> tuple[SampleVerdict, Framed | None]:
     """The sample's own verdict (duplicates are judged later, in order) and, if accepted, its pixels."""
     verdict, image = judge_image(sample, task.validation)
     return verdict, frame_image(image, verdict.content_hash, task) if verdict.ok else None
 
 
-def _prepare_chunk(chunk: list[RawSample], task: IngestTask) -> list[tuple[Verdict, Framed | None]]:
+def _prepare_chunk(chunk: list[RawSample], task: IngestTask) -> list[tuple[SampleVerdict, Framed | None]]:
     return [prepare(sample, task) for sample in chunk]
 
 
 def ingest(samples: Iterable[RawSample], validator: Validator, task: IngestTask,
-           num_workers: int = 0) -> Iterator[tuple[RawSample, Verdict, Framed | None]]:
+           num_workers: int = 0) -> Iterator[tuple[RawSample, SampleVerdict, Framed | None]]:
     """Every sample with its final verdict and, if accepted, its pixels, in source order.
 
     Stop early by closing the iterator (a `break`): unfinished work is cancelled.
@@ -103,7 +103,7 @@ def ingest(samples: Iterable[RawSample], validator: Validator, task: IngestTask,
 
 
 def _pooled(samples: Iterable[RawSample], task: IngestTask,
-            num_workers: int) -> Iterator[tuple[RawSample, tuple[Verdict, Framed | None]]]:
+            num_workers: int) -> Iterator[tuple[RawSample, tuple[SampleVerdict, Framed | None]]]:
     pending: deque[tuple[list[RawSample], Future]] = deque()
     pool = ProcessPoolExecutor(num_workers, mp_context=_context())
     try:
@@ -117,7 +117,7 @@ def _pooled(samples: Iterable[RawSample], task: IngestTask,
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _results(entry: tuple[list[RawSample], Future]) -> Iterator[tuple[RawSample, tuple[Verdict, Framed | None]]]:
+def _results(entry: tuple[list[RawSample], Future]) -> Iterator[tuple[RawSample, tuple[SampleVerdict, Framed | None]]]:
     chunk, future = entry
     yield from zip(chunk, future.result())
 

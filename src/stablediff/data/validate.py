@@ -1,7 +1,7 @@
 """Judge every sample before it reaches training, and say why a reject was rejected.
 
 A bad sample never crashes a run: the validator turns each failure into a
-`Verdict` with one of the reasons below, the `Quarantine` records it in
+`SampleVerdict` with one of the reasons below, the `Quarantine` records it in
 `RUN_DIR/quarantine.jsonl`, and `check_reject_fraction` stops the run with a
 clear error only when rejects exceed `data.max_reject_fraction`.
 """
@@ -60,7 +60,7 @@ DEFAULT_VALIDATION = ValidationConfig()
 
 
 @dataclass(frozen=True)
-class Verdict:
+class SampleVerdict:
     """The judgement of one sample. Width and height are as displayed (EXIF rotation applied)."""
 
     ok: bool
@@ -181,25 +181,25 @@ def decode_image(data: bytes, config: ValidationConfig = DEFAULT_VALIDATION) -> 
 
 
 def judge_image(sample: RawSample, config: ValidationConfig = DEFAULT_VALIDATION,
-                digest: str | None = None) -> tuple[Verdict, Image.Image | None]:
+                digest: str | None = None) -> tuple[SampleVerdict, Image.Image | None]:
     """The sample's verdict on its own (no duplicate check) and, if accepted, its decoded image.
 
     Pure in its inputs, so it can run in a worker process; `Validator.record`
     then applies the order-dependent duplicate check.
     """
     if sample.reject is not None:
-        return Verdict(False, sample.reject, sample.detail), None
+        return SampleVerdict(False, sample.reject, sample.detail), None
     digest = digest or content_hash(sample.image_bytes)
     try:
         image = decode_image(sample.image_bytes, config)
     except ImageRejected as rejected:
-        return Verdict(False, rejected.reason, rejected.detail, content_hash=digest), None
+        return SampleVerdict(False, rejected.reason, rejected.detail, content_hash=digest), None
     width, height = displayed_size(image)
     if sample.caption_error is not None:
         detail = ("no caption found" if sample.caption_error == "missing_caption"
                   else "the caption is not valid UTF-8; re-save it as UTF-8")
-        return Verdict(False, sample.caption_error, detail, width, height, image.mode, digest), None
-    return Verdict(True, None, "", width, height, image.mode, digest), image
+        return SampleVerdict(False, sample.caption_error, detail, width, height, image.mode, digest), None
+    return SampleVerdict(True, None, "", width, height, image.mode, digest), image
 
 
 class Validator:
@@ -216,13 +216,13 @@ class Validator:
         # The decoded image of the last accepted sample, so a loader need not decode it twice.
         self.last_image: Image.Image | None = None
 
-    def judge(self, sample: RawSample) -> Verdict:
+    def judge(self, sample: RawSample) -> SampleVerdict:
         self.last_image = None
         if sample.reject is not None:
-            return self.record(sample, Verdict(False, sample.reject, sample.detail))
+            return self.record(sample, SampleVerdict(False, sample.reject, sample.detail))
         digest = content_hash(sample.image_bytes)
         if self.duplicate_of(digest) is not None:  # checked before decoding: a copy costs one hash
-            return self.record(sample, Verdict(False, content_hash=digest))
+            return self.record(sample, SampleVerdict(False, content_hash=digest))
         verdict, self.last_image = judge_image(sample, self.config, digest)
         return self.record(sample, verdict)
 
@@ -230,12 +230,12 @@ class Validator:
         """The key of an accepted sample with these bytes, if any (and dedupe is on)."""
         return self._first_seen.get(digest) if self.config.dedupe and digest else None
 
-    def record(self, sample: RawSample, verdict: Verdict) -> Verdict:
+    def record(self, sample: RawSample, verdict: SampleVerdict) -> SampleVerdict:
         """Count a verdict from `judge_image`, in source order; a copy of an accepted sample
         becomes a `duplicate`, whatever else was wrong with it."""
         kept = self.duplicate_of(verdict.content_hash) if sample.reject is None else None
         if kept is not None:
-            verdict = Verdict(False, "duplicate", f"same bytes as {kept}", content_hash=verdict.content_hash)
+            verdict = SampleVerdict(False, "duplicate", f"same bytes as {kept}", content_hash=verdict.content_hash)
         self.total += 1
         if verdict.ok:
             if self.config.dedupe:
@@ -263,7 +263,7 @@ class Quarantine:
         self._file = None
         self._recorded: set[tuple] = set()
 
-    def add(self, sample: RawSample, verdict: Verdict) -> None:
+    def add(self, sample: RawSample, verdict: SampleVerdict) -> None:
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._recorded = {_reject_id(r) for _, r in read_lines(self.path) if r is not None}

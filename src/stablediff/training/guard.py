@@ -26,7 +26,7 @@ from stablediff.errors import ConfigError
 
 
 @dataclass(frozen=True)
-class Verdict:
+class GuardVerdict:
     action: Literal["ok", "skip", "rollback"]
     reason: str = ""
     first_event: int = 0  # with "rollback": the step (or check number) of the first bad step counted
@@ -36,7 +36,7 @@ class Verdict:
         return self.action == "ok"
 
 
-OK = Verdict("ok")
+OK = GuardVerdict("ok")
 
 
 class DivergenceGuard:
@@ -66,7 +66,7 @@ class DivergenceGuard:
     def median(self) -> float:
         return statistics.median(self.good_losses) if self.good_losses else float("nan")
 
-    def check(self, loss: float, grad_norm: float, step: int | None = None) -> Verdict:
+    def check(self, loss: float, grad_norm: float, step: int | None = None) -> GuardVerdict:
         """Judge one step before the optimizer applies it. Events are counted by `step` when the
         loop gives it (so a rollback verdict names the first bad step), else by check number."""
         self.checks += 1
@@ -83,9 +83,9 @@ class DivergenceGuard:
             count, first = len(self.event_checks), self.event_checks[0]
             self.event_checks.clear()  # the reloaded run starts with a clean slate
             self.rollbacks += 1
-            return Verdict("rollback", f"{count} bad steps within the last {self.within_steps} (latest: {reason})",
+            return GuardVerdict("rollback", f"{count} bad steps within the last {self.within_steps} (latest: {reason})",
                            first)
-        return Verdict("skip", reason)
+        return GuardVerdict("skip", reason)
 
     def _bad_reason(self, loss: float, grad_norm: float) -> str | None:
         if math.isnan(loss):
