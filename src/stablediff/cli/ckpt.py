@@ -9,11 +9,11 @@ from collections import Counter
 from pathlib import Path
 
 import click
-import yaml
 from rich.console import Console
 from rich.table import Table
 
 from stablediff.checkpoint import DEFAULT_GC_GRACE_S, CheckpointStore, gc, repair
+from stablediff.checkpoint.run_stores import configured_replicas
 from stablediff.cli import ckpt_models
 from stablediff.errors import UserError
 from stablediff.cli.locking import store_locked
@@ -34,8 +34,7 @@ def open_target(target: str, extra_replicas: tuple[str, ...]) -> tuple[Checkpoin
     path = Path(target)
     replicas = list(extra_replicas)
     if (path / "config.yaml").is_file() or (path / "checkpoints").is_dir():
-        config = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").is_file() else {}
-        replicas = list((config or {}).get("checkpoint", {}).get("replicas", [])) + replicas
+        replicas = configured_replicas(path) + replicas
         path = path / "checkpoints"
     # objects/ alone is a store too: the orphans of a first save that failed before its manifest.
     if "://" not in target and not ((path / "manifests").is_dir() or (path / "objects").is_dir()):

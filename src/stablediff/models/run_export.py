@@ -17,6 +17,7 @@ import torch
 from stablediff import run_schema as schema
 from stablediff.checkpoint import CheckpointStore, LoadedCheckpoint, RetentionPolicy
 from stablediff.checkpoint.retention import best_steps
+from stablediff.checkpoint.run_stores import run_stores
 from stablediff.run_schema import BEST_METRIC
 from stablediff.errors import CheckpointError, MissingPathError
 
@@ -25,15 +26,11 @@ LORA_METADATA_KEY = "lora_adapter_metadata"  # where diffusers' save_lora_weight
 
 def open_run_store(run_dir: Path) -> tuple[CheckpointStore, list[CheckpointStore]]:
     """The run's primary store and its configured replicas (fallbacks for damaged chunks)."""
-    import yaml
-
     run_dir = Path(run_dir)
     if not (run_dir / "checkpoints" / "manifests").is_dir():
         raise MissingPathError(f"{run_dir} is not a run directory with checkpoints (no checkpoints/manifests/); "
                                "give the --run-dir of a `stablediff train` run")
-    config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
-    replicas = [CheckpointStore(r) for r in (config or {}).get("checkpoint", {}).get("replicas", [])]
-    return CheckpointStore(run_dir / "checkpoints"), replicas
+    return run_stores(run_dir)
 
 
 def choose_step(store: CheckpointStore, step: int | None, best: bool) -> int | None:

@@ -17,6 +17,7 @@ from typing import Callable
 
 from stablediff.checkpoint import AsyncCheckpointer, CheckpointError, CheckpointStore, LoadedCheckpoint, RetentionPolicy
 from stablediff.checkpoint import lineage
+from stablediff.checkpoint.run_stores import run_stores
 from stablediff.config.schema import CheckpointConfig
 from stablediff.run_schema import BEST_METRIC
 from stablediff.training import distributed
@@ -27,7 +28,7 @@ from stablediff.training.rollback import describe as describe_rollback
 
 
 def open_stores(run_dir: Path, cfg: CheckpointConfig) -> tuple[CheckpointStore, list[CheckpointStore]]:
-    return CheckpointStore(run_dir / "checkpoints"), [CheckpointStore(r) for r in cfg.replicas]
+    return run_stores(run_dir, cfg.replicas)
 
 
 def find_resume(primary: CheckpointStore, replicas: list[CheckpointStore], say: Callable[[str], None],
