@@ -6,17 +6,7 @@ import pytest
 import torch
 
 from stablediff.models.diffusion import evenly_spaced_timesteps, make_noise_scheduler, snr, training_target
-
-SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-PREDICTIONS = ("epsilon", "v_prediction", "sample")
-
-
-def fixed_batch(seed: int = 0, batch: int = 4):
-    g = torch.Generator().manual_seed(seed)
-    latents, text = torch.randn(batch, 4, 8, 8, generator=g), torch.randn(batch, 3, 32, generator=g)
-    noise = torch.randn(batch, 4, 8, 8, generator=g)
-    return latents, text, noise, torch.tensor([50, 300, 600, 900][:batch])
-
+from tests.tiny_models import PREDICTIONS, SCHEDULES, fixed_batch
 
 # --- targets ---------------------------------------------------------------------------------------
 

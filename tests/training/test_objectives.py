@@ -8,18 +8,7 @@ import torch
 
 from stablediff.models.diffusion import make_noise_scheduler, per_sample_loss, snr, training_target
 from stablediff.training.objectives import diffusion_loss, loss_weights, offset_noise, sample_timesteps
-from tests.tiny_models import tiny_unet
-
-SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-PREDICTIONS = ("epsilon", "v_prediction", "sample")
-
-
-def fixed_batch(seed: int = 0, batch: int = 4):
-    g = torch.Generator().manual_seed(seed)
-    latents, text = torch.randn(batch, 4, 8, 8, generator=g), torch.randn(batch, 3, 32, generator=g)
-    noise = torch.randn(batch, 4, 8, 8, generator=g)
-    return latents, text, noise, torch.tensor([50, 300, 600, 900][:batch])
-
+from tests.tiny_models import PREDICTIONS, SCHEDULES, fixed_batch, tiny_unet
 
 def x0_from_prediction(scheduler, noisy, prediction, t: torch.Tensor, prediction_type: str) -> torch.Tensor:
     """The clean sample a prediction implies (closed form; the same formulas as DDPMScheduler.step)."""
