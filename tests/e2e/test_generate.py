@@ -137,7 +137,7 @@ def test_misused_options_are_usage_errors(model, tmp_path, args, message):
 
 def test_a_single_file_model_generates_what_its_diffusers_folder_does(model, tmp_path):
     from stablediff.models.pipeline_assembly import load_pipeline_folder
-    from stablediff.models.single_file import save_single_file
+    from stablediff.models.single_file_pipeline import save_single_file
 
     single = save_single_file(load_pipeline_folder(model), tmp_path / "tiny.safetensors")
     from_file = generate(single, "a digit", "--steps", "2", "--seed", "4", "--out", tmp_path / "a")

@@ -125,10 +125,10 @@ def test_convert_to_a_pickle_name_is_refused(single_file, tmp_path):
 def test_sd1_file_without_a_tokenizer_asks_for_one(tmp_path):
     from tests.models.tiny_sd import tiny_clip_pipeline
 
-    from stablediff.models.single_file import pipeline_state
+    from stablediff.models.single_file_pipeline import pipeline_state
 
     state, _ = pipeline_state(tiny_clip_pipeline(tmp_path / "tokenizer"))
     save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "sd1.safetensors")  # as other tools write it
     empty_cache = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf" / "hub")}
     result = run_cli("ckpt", "convert", str(tmp_path / "sd1.safetensors"), str(tmp_path / "a"), env=empty_cache)
-    assert_one_paragraph_error(result, "--tokenizer")  # loading with one: tests/models/test_single_file.py
+    assert_one_paragraph_error(result, "--tokenizer")  # loading with one: tests/models/test_single_file_pipeline.py

@@ -9,9 +9,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from stablediff.models.model_file import (file_hashes, merge_files, model_info, prune_state, read_model,
+from stablediff.models.model_tools import (file_hashes, merge_files, model_info, prune_state, read_model,
                                           write_model)
-from stablediff.models.single_file import load_single_file_pipeline, save_single_file
+from stablediff.models.single_file_pipeline import load_single_file_pipeline, save_single_file
 from tests.models.tiny_sd import assert_same_tensors, image, tiny_clip_pipeline, tiny_unet
 
 
@@ -90,7 +90,7 @@ def test_prune_drops_ema_and_training_junk(models):
 
 
 def test_ema_only_makes_the_ema_weights_the_unet(models):
-    from stablediff.models.model_file import ema_key
+    from stablediff.models.model_tools import ema_key
 
     state, ema = load_file(models[0]), load_file(models[1])
     unet_keys = [k for k in state if k.startswith("model.diffusion_model.")]

@@ -8,7 +8,7 @@
 """
 
 from .errors import CheckpointError, ChunkError, ManifestError
-from .loading import LoadedCheckpoint, Recovery, SkippedCheckpoint
+from .verified_load import LoadedCheckpoint, Recovery, SkippedCheckpoint
 from .manifest import Manifest, ManifestSummary, TensorEntry
 from .replicate import RepairReport, SyncReport, repair, sync
 from .retention import DEFAULT_GC_GRACE_S, GcReport, RetentionPolicy, RetentionReport, gc, select_to_delete

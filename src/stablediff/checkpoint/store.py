@@ -32,7 +32,7 @@ from .errors import CheckpointError, ChunkError, ManifestError
 from .manifest import Manifest, ManifestSummary, TensorEntry, build_manifest, parse_manifest
 
 if TYPE_CHECKING:
-    from .loading import LoadedCheckpoint
+    from .verified_load import LoadedCheckpoint
     from .verify import VerifyReport
 
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
@@ -239,7 +239,7 @@ class CheckpointStore:
         self, step: int | None = None, device: str = "cpu", fallbacks: Iterable[CheckpointStore] = ()
     ) -> LoadedCheckpoint:
         """Load `step`, or the newest checkpoint that verifies; see `loading.load_checkpoint`."""
-        from .loading import load_checkpoint
+        from .verified_load import load_checkpoint
 
         return load_checkpoint(self, step, device, list(fallbacks))
 

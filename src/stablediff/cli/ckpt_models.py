@@ -25,7 +25,7 @@ tokenizer_option = click.option("--tokenizer", type=click.Path(path_type=Path, e
 
 def is_model_target(target: str) -> bool:
     """A model file or diffusers folder (for `ckpt info`), as opposed to a run directory or store."""
-    from stablediff.models.model_file import is_diffusers_folder  # torch: only when the command runs
+    from stablediff.models.model_tools import is_diffusers_folder  # torch: only when the command runs
 
     path = Path(target)
     return (path.is_file() and path.suffix.lower() in MODEL_FILE_SUFFIXES) or is_diffusers_folder(path)
@@ -62,7 +62,7 @@ def export_origin(loaded, step: int | None, best: bool) -> str:
 
 
 def show_model_info(target: str, trust_pickle: bool) -> None:
-    from stablediff.models.model_file import model_info
+    from stablediff.models.model_tools import model_info
 
     click.echo(json.dumps(model_info(Path(target), trust_pickle), indent=2, default=str))
 
@@ -98,7 +98,7 @@ def export(run_dir: Path, fmt: str, step, best: bool, ema: bool, out: Path | Non
         if fmt == "diffusers":
             save_pipeline_folder(pipe, out, replace=force, step=loaded.step, weights=weights)
         else:
-            from stablediff.models.single_file import save_single_file
+            from stablediff.models.single_file_pipeline import save_single_file
 
             # the run's name, not its path: files are shared, and paths tell usernames and layouts
             save_single_file(pipe, out, {"stablediff.run": {"step": loaded.step, "weights": weights,
@@ -118,8 +118,8 @@ def convert(source: Path, out: Path, force: bool, tokenizer: Path | None, trust_
     A .ckpt (with --trust-pickle) -> OUT.safetensors keeps its tensors as they are.
     """
     from stablediff.models.atomic_output import save_pipeline_folder
-    from stablediff.models.model_io import read_model_file
-    from stablediff.models.single_file import load_single_file_pipeline, save_single_file, write_safetensors
+    from stablediff.models.state_dict_file import read_model_file
+    from stablediff.models.single_file_pipeline import load_single_file_pipeline, save_single_file, write_safetensors
 
     check_out(out, force)
     to_file = out.suffix.lower() == ".safetensors"
@@ -151,7 +151,7 @@ def convert(source: Path, out: Path, force: bool, tokenizer: Path | None, trust_
 @trust_pickle_option
 def merge(models: tuple[Path, ...], method: str, alpha: float, out: Path, force: bool, trust_pickle: bool) -> None:
     """Merge models A B [C] of the same architecture; the recipe goes into OUT's metadata."""
-    from stablediff.models.model_file import merge_files, write_model
+    from stablediff.models.model_tools import merge_files, write_model
 
     check_out(out, force)
     state, metadata = merge_files(list(models), method, alpha, trust_pickle)
@@ -169,7 +169,7 @@ def merge(models: tuple[Path, ...], method: str, alpha: float, out: Path, force:
 @trust_pickle_option
 def prune(source: Path, out: Path, dtype: str | None, ema_only: bool, force: bool, trust_pickle: bool) -> None:
     """Keep only what inference needs: UNet, VAE, text encoder (no EMA copy, optimizer or training junk)."""
-    from stablediff.models.model_file import DTYPES, prune_state, read_model, write_model
+    from stablediff.models.model_tools import DTYPES, prune_state, read_model, write_model
 
     check_out(out, force)
     state, metadata = read_model(source, trust_pickle)

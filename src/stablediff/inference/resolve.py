@@ -120,7 +120,7 @@ def load_source(source: ModelSource, trust_pickle: bool = False):
 
         pipe = load_pipeline_folder(source.path, trust_pickle)
     elif source.kind == "single_file":
-        from stablediff.models.single_file import load_single_file_pipeline
+        from stablediff.models.single_file_pipeline import load_single_file_pipeline
 
         pipe = load_single_file_pipeline(source.path, trust_pickle)
     else:

@@ -7,7 +7,7 @@ Some facts are not in any shape, and for those we take Stable Diffusion's
 values: GroupNorm groups (32), attention heads (8 for a 768-wide context as in
 SD 1.x, 64 channels per head otherwise as in SD 2.x), the VAE scaling factor
 (0.18215) and the sample size. Our own exports store their exact configs in
-the file's metadata instead (see single_file.py).
+the file's metadata instead (see single_file_pipeline.py).
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ def infer_clip_config(shapes: Shapes) -> dict:
 
 def model_configs(metadata: dict[str, str], shapes: Shapes) -> tuple[dict, dict]:
     """(unet, vae) diffusers configs: ours from the metadata, anything else inferred from the shapes."""
-    from stablediff.models.model_io import META
+    from stablediff.models.state_dict_file import META
 
     if META + "unet_config" in metadata and META + "vae_config" in metadata:
         return json.loads(metadata[META + "unet_config"]), json.loads(metadata[META + "vae_config"])

@@ -72,7 +72,7 @@ def pipeline_from_checkpoint(loaded: LoadedCheckpoint, ema: bool, trust_pickle: 
     from stablediff.config import RunConfig
     from stablediff.models.pipeline_assembly import assemble_pipeline
     from stablediff.models.build import build_noise_scheduler, build_unet, build_vae, vae_downscale
-    from stablediff.models.single_file import load_weights
+    from stablediff.models.single_file_pipeline import load_weights
     from stablediff.models.text_encoder import load_text_encoder
 
     if lora_tensors(loaded.tensors):
@@ -100,7 +100,7 @@ def pipeline_from_checkpoint(loaded: LoadedCheckpoint, ema: bool, trust_pickle: 
 
 def save_lora(loaded: LoadedCheckpoint, out: Path, source: str) -> Path:
     """The UNet's LoRA adapters as a diffusers/peft LoRA file (`unet.<module>.lora_A.weight`)."""
-    from stablediff.models.single_file import write_safetensors
+    from stablediff.models.single_file_pipeline import write_safetensors
 
     lora = lora_tensors(loaded.tensors)
     if not lora:

@@ -19,7 +19,7 @@ import torch
 
 from stablediff.errors import ModelFileError
 from stablediff.models import architecture
-from stablediff.models.model_io import META
+from stablediff.models.state_dict_file import META
 CLIP_TOKENIZER_REPO = "openai/clip-vit-large-patch14"  # SD 1.x's tokenizer, looked up in the local cache only
 
 

@@ -9,7 +9,7 @@ from diffusers import AutoencoderKL, StableDiffusionInpaintPipeline, StableDiffu
 from safetensors.torch import load_file, save_file
 
 from stablediff.io.pickle_guard import PickleRefusedError
-from stablediff.models.single_file import load_single_file_pipeline, save_single_file
+from stablediff.models.single_file_pipeline import load_single_file_pipeline, save_single_file
 from tests.models.tiny_sd import (assert_same_tensors, image, state_dicts, tiny_clip_pipeline, tiny_pipeline,
                                   tiny_unet, tiny_vae)
 

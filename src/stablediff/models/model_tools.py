@@ -17,9 +17,9 @@ from stablediff.errors import ModelFileError
 from stablediff.models import architecture
 from stablediff.models.keymap import TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX
 from stablediff.models.file_hash import file_hashes
-from stablediff.models.model_io import META, header_shapes, read_header, read_model_file
+from stablediff.models.state_dict_file import META, header_shapes, read_header, read_model_file
 
-# single_file (and with it diffusers) is imported where needed: `ckpt info` on a
+# single_file_pipeline (and with it diffusers) is imported where needed: `ckpt info` on a
 # .safetensors file reads only its header and should not pay for diffusers' import.
 
 COMPONENT_PREFIXES = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": TEXT_PREFIX}
@@ -41,7 +41,7 @@ def read_model(path: Path, trust_pickle: bool = False) -> tuple[dict[str, torch.
     path = Path(path)
     if path.is_dir():
         from stablediff.models.pipeline_assembly import load_pipeline_folder
-        from stablediff.models.single_file import pipeline_state
+        from stablediff.models.single_file_pipeline import pipeline_state
 
         return pipeline_state(load_pipeline_folder(path, trust_pickle))
     return read_model_file(path, trust_pickle)
@@ -52,7 +52,7 @@ def write_model(state: dict[str, torch.Tensor], metadata: dict[str, str], out: P
     """A `.safetensors` path gets a single file; any other path a diffusers pipeline folder. Both are
     written atomically (models/atomic_output.py); `replace` lets a folder replace an existing one."""
     from stablediff.models.atomic_output import save_pipeline_folder
-    from stablediff.models.single_file import pipeline_from_state, write_safetensors
+    from stablediff.models.single_file_pipeline import pipeline_from_state, write_safetensors
 
     out = Path(out)
     if out.suffix.lower() == ".safetensors":

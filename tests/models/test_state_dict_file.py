@@ -7,7 +7,7 @@ import pickle
 import pytest
 
 from stablediff.io.pickle_guard import PickleRefusedError
-from stablediff.models.model_io import read_model_file
+from stablediff.models.state_dict_file import read_model_file
 
 
 class _Payload:

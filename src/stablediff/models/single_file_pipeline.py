@@ -20,7 +20,7 @@ from stablediff.errors import ModelFileError
 from stablediff.models import architecture
 from stablediff.models.keymap import Layout, UNetLayout, VAELayout, diffusers_to_original, original_to_diffusers, \
     text_encoder_kind
-from stablediff.models.model_io import META, read_model_file
+from stablediff.models.state_dict_file import META, read_model_file
 from stablediff.models.text_from_file import build_text_encoder, text_encoder_metadata
 
 # SD 1.x/2.x training schedule (the CompVis configs), used when a file does not say.
