@@ -25,7 +25,7 @@ from PIL import Image
 
 from _common import REPO, write_result  # bench/ is on sys.path when a script runs
 from stablediff.data.buckets import resolve_buckets
-from stablediff.data.framing import Framing
+from stablediff.data.crop_policy import CropPolicy
 from stablediff.data.ingest import CHUNK_SIZE, PREFETCH_CHUNKS
 from stablediff.data.training_set import load_captioned_images
 
@@ -44,11 +44,11 @@ def write_jpegs(folder: Path, count: int) -> None:
         (folder / f"{i:05d}.txt").write_text(f"a generated picture number {i}")
 
 
-def load_seconds(folder: Path, workers: int, framing: Framing) -> tuple[float, float]:
+def load_seconds(folder: Path, workers: int, crop_policy: CropPolicy) -> tuple[float, float]:
     """(wall seconds, CPU seconds of the main process) of one load."""
     with tempfile.TemporaryDirectory() as run_dir:
         t0, cpu0 = time.perf_counter(), time.process_time()
-        data = load_captioned_images(str(folder), RESOLUTION, Path(run_dir), 0.0, framing=framing,
+        data = load_captioned_images(str(folder), RESOLUTION, Path(run_dir), 0.0, crop_policy=crop_policy,
                                      num_workers=workers)
         seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     assert len(data.captions) + len(data.held_out) > 0
@@ -61,16 +61,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args()
-    framing = Framing(tuple(resolve_buckets("auto", RESOLUTION, 64)))
+    crop_policy = CropPolicy(tuple(resolve_buckets("auto", RESOLUTION, 64)))
     with tempfile.TemporaryDirectory(dir=REPO) as tmp:
         folder = Path(tmp)
         write_jpegs(folder, args.images)
-        load_seconds(folder, 0, framing)  # warm the page cache and imports
+        load_seconds(folder, 0, crop_policy)  # warm the page cache and imports
         times: dict[int, list[float]] = {w: [] for w in args.workers}
         main_cpu: dict[int, list[float]] = {w: [] for w in args.workers}
         for _ in range(args.repeats):
             for workers in args.workers:
-                seconds, cpu = load_seconds(folder, workers, framing)
+                seconds, cpu = load_seconds(folder, workers, crop_policy)
                 times[workers].append(seconds)
                 main_cpu[workers].append(cpu)
     best = {w: min(t) for w, t in times.items()}

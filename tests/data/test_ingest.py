@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from stablediff.data.buckets import resolve_buckets
-from stablediff.data.framing import Framing
+from stablediff.data.crop_policy import CropPolicy
 from stablediff.data.training_set import load_captioned_images
 
 from .corpus import build_mixed_aspect_folder
@@ -18,8 +18,8 @@ def load(spec, run_dir, workers, **options):
 
 def assert_same(a, b):
     assert torch.equal(a.images, b.images) and torch.equal(a.held_out, b.held_out)
-    assert a.captions == b.captions and a.keys == b.keys and a.framed.bucket_ids == b.framed.bucket_ids
-    for crops_a, crops_b in zip(a.framed.crops, b.framed.crops, strict=True):
+    assert a.captions == b.captions and a.keys == b.keys and a.prepared.bucket_ids == b.prepared.bucket_ids
+    for crops_a, crops_b in zip(a.prepared.crops, b.prepared.crops, strict=True):
         assert all(torch.equal(x, y) for x, y in zip(crops_a, crops_b, strict=True))
 
 
@@ -36,8 +36,9 @@ def test_workers_yield_the_same_images_captions_and_quarantine(corpus_specs, tmp
 
 def test_workers_frame_buckets_and_random_crops_like_the_main_process(tmp_path):
     spec = build_mixed_aspect_folder(tmp_path / "data")
-    framing = Framing(tuple(resolve_buckets("auto", 32, 16)), crop="random", variants=2, seed=5)
-    assert_same(load(spec, tmp_path / "a", 0, framing=framing), load(spec, tmp_path / "b", 2, framing=framing))
+    crop_policy = CropPolicy(tuple(resolve_buckets("auto", 32, 16)), crop="random", variants=2, seed=5)
+    assert_same(load(spec, tmp_path / "a", 0, crop_policy=crop_policy),
+                load(spec, tmp_path / "b", 2, crop_policy=crop_policy))
 
 
 def test_a_limit_stops_workers_where_the_main_process_stops(corpus_specs, tmp_path):

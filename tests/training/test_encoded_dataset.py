@@ -7,8 +7,8 @@ from stablediff.config import load_config
 from stablediff.data.digits import load_digits
 from stablediff.data.buckets import resolve_buckets
 from stablediff.data.feature_cache import FeatureCache
-from stablediff.data.framing import Framing
-from stablediff.data.training_set import FramedImages, load_captioned_images
+from stablediff.data.crop_policy import CropPolicy
+from stablediff.data.training_set import BucketedCrops, load_captioned_images
 from stablediff.data.order import BucketBatchOrder
 from stablediff.data.validate import content_hash
 from stablediff.models.build import build_vae
@@ -28,14 +28,14 @@ def parts():
     train, _ = load_digits(16)
     images = pixels_to_tensor(train.images[:24])
     captions = [train.captions_for(i) for i in range(24)]
-    framed = FramedImages.square(images, [content_hash(image.tobytes()) for image in train.images[:24]])
-    return vae, framed, captions, load_text_encoder("minilm", max_length=8)
+    prepared = BucketedCrops.square(images, [content_hash(image.tobytes()) for image in train.images[:24]])
+    return vae, prepared, captions, load_text_encoder("minilm", max_length=8)
 
 
 def test_cached_features_equal_in_memory_encoding(parts, tmp_path):
-    vae, framed, captions, text_encoder = parts
-    direct = encode_dataset(vae, framed, captions, text_encoder, batch_size=256)
-    cached, counts = encode_dataset_cached(vae, framed, captions, text_encoder, FeatureCache(tmp_path))
+    vae, prepared, captions, text_encoder = parts
+    direct = encode_dataset(vae, prepared, captions, text_encoder, batch_size=256)
+    cached, counts = encode_dataset_cached(vae, prepared, captions, text_encoder, FeatureCache(tmp_path))
     assert counts.latents_encoded == 24
     # Equal up to float rounding: the cache encodes in its own fixed batches.
     assert torch.allclose(direct.latent_mean, cached.latent_mean, atol=1e-6)
@@ -48,17 +48,17 @@ def test_cached_features_equal_in_memory_encoding(parts, tmp_path):
 
 
 def test_a_second_run_encodes_nothing(parts, tmp_path):
-    vae, framed, captions, text_encoder = parts
-    encode_dataset_cached(vae, framed, captions, text_encoder, FeatureCache(tmp_path))
-    _, counts = encode_dataset_cached(vae, framed, captions, text_encoder, FeatureCache(tmp_path))
+    vae, prepared, captions, text_encoder = parts
+    encode_dataset_cached(vae, prepared, captions, text_encoder, FeatureCache(tmp_path))
+    _, counts = encode_dataset_cached(vae, prepared, captions, text_encoder, FeatureCache(tmp_path))
     assert counts.latents_encoded == 0 and counts.text_encoded == 0
 
 
 def test_flip_draws_mirrored_latents_from_the_cache(parts, tmp_path):
-    vae, framed, captions, text_encoder = parts
-    data, _ = encode_dataset_cached(vae, framed, captions, text_encoder, FeatureCache(tmp_path), flip=True)
+    vae, prepared, captions, text_encoder = parts
+    data, _ = encode_dataset_cached(vae, prepared, captions, text_encoder, FeatureCache(tmp_path), flip=True)
     with torch.no_grad():
-        mirrored = vae.encode(framed.stack(0, 0)[1][:4].flip(-1)).latent_dist.mean
+        mirrored = vae.encode(prepared.stack(0, 0)[1][:4].flip(-1)).latent_dist.mean
     assert torch.allclose(data.flip_mean[:4], mirrored, atol=1e-5)
     always, _ = draw_batch(data, torch.arange(4), 1.0, 0.0, 0, 0, 0, flip_probability=1.0)
     never, _ = draw_batch(data, torch.arange(4), 1.0, 0.0, 0, 0, 0, flip_probability=0.0)
@@ -70,19 +70,21 @@ def bucketed(tmp_path_factory):
     """A mixed-aspect folder loaded into buckets with two random crops per image."""
     root = tmp_path_factory.mktemp("mixed")
     config = load_config("tiny")
-    framing = Framing(tuple(resolve_buckets("auto", 32, bucket_step(config.vae))), crop="random", variants=2, seed=1)
-    data = load_captioned_images(build_mixed_aspect_folder(root / "data"), 32, root / "run", 0.0, framing=framing)
-    return data.framed, data.captions
+    sizes = tuple(resolve_buckets("auto", 32, bucket_step(config.vae)))
+    crop_policy = CropPolicy(sizes, crop="random", variants=2, seed=1)
+    data = load_captioned_images(build_mixed_aspect_folder(root / "data"), 32, root / "run", 0.0,
+                                 crop_policy=crop_policy)
+    return data.prepared, data.captions
 
 
 def test_bucketed_cached_training_matches_encoding_on_the_fly(parts, bucketed, tmp_path):
     vae, _, _, text_encoder = parts
-    framed, captions = bucketed
-    direct = encode_dataset(vae, framed, captions, text_encoder, flip=True, bucketed=True)
-    cached, counts = encode_dataset_cached(vae, framed, captions, text_encoder, FeatureCache(tmp_path), flip=True,
+    prepared, captions = bucketed
+    direct = encode_dataset(vae, prepared, captions, text_encoder, flip=True, bucketed=True)
+    cached, counts = encode_dataset_cached(vae, prepared, captions, text_encoder, FeatureCache(tmp_path), flip=True,
                                            bucketed=True)
-    assert counts.latents_encoded == 2 * len(framed)  # every crop variant of every image, once
-    assert len(cached.buckets) == len(set(framed.bucket_ids)) > 1
+    assert counts.latents_encoded == 2 * len(prepared)  # every crop variant of every image, once
+    assert len(cached.buckets) == len(set(prepared.bucket_ids)) > 1
     for a, b in zip(direct.buckets, cached.buckets, strict=True):
         width, height = a.size
         assert a.mean.shape[0] == 2 and a.mean.shape[-2:] == (height // 2, width // 2)  # the tiny VAE halves
@@ -97,9 +99,9 @@ def test_bucketed_cached_training_matches_encoding_on_the_fly(parts, bucketed, t
 
 def test_each_bucket_and_crop_variant_is_cached_once(parts, bucketed, tmp_path):
     vae, _, _, text_encoder = parts
-    framed, captions = bucketed
-    encode_dataset_cached(vae, framed, captions, text_encoder, FeatureCache(tmp_path))
-    _, counts = encode_dataset_cached(vae, framed, captions, text_encoder, FeatureCache(tmp_path))
-    assert counts.latents_encoded == 0 and counts.latents_reused == 2 * len(framed)
+    prepared, captions = bucketed
+    encode_dataset_cached(vae, prepared, captions, text_encoder, FeatureCache(tmp_path))
+    _, counts = encode_dataset_cached(vae, prepared, captions, text_encoder, FeatureCache(tmp_path))
+    assert counts.latents_encoded == 0 and counts.latents_reused == 2 * len(prepared)
     namespaces = list((tmp_path / "latents").glob("*/transform-*"))
-    assert len(namespaces) == 2 * len(set(framed.bucket_ids))  # (bucket, variant) pairs
+    assert len(namespaces) == 2 * len(set(prepared.bucket_ids))  # (bucket, variant) pairs

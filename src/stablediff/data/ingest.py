@@ -27,7 +27,7 @@ from typing import TypeVar
 import numpy as np
 from PIL import Image
 
-from stablediff.data.framing import Framing, center_square
+from stablediff.data.crop_policy import CropPolicy, center_square
 from stablediff.data.sources.base import RawSample
 from stablediff.data.transforms import upright_rgb
 from stablediff.data.validate import ValidationConfig, Validator, SampleVerdict, judge_image
@@ -53,12 +53,12 @@ class IngestTask:
     """What a worker needs to prepare a sample (small: sent with every chunk)."""
 
     validation: ValidationConfig
-    framing: Framing
+    crop_policy: CropPolicy
     resolution: int  # side of the square centre crop the VAE stage uses
 
 
 @dataclass(frozen=True)
-class Framed:
+class PreparedSample:
     """An accepted sample's pixels: its bucket, its crops and its square centre crop."""
 
     bucket: int
@@ -66,25 +66,25 @@ class Framed:
     square: np.ndarray  # (R, R, 3) uint8
 
 
-def frame_image(image: Image.Image, key: str, task: IngestTask) -> Framed:
+def prepare_image(image: Image.Image, key: str, task: IngestTask) -> PreparedSample:
     upright = upright_rgb(image)
-    bucket, crops = task.framing.frame(upright, key)
-    square = crops[0] if task.framing.is_square_center(task.resolution) else center_square(upright, task.resolution)
-    return Framed(bucket, crops, square)
+    bucket, crops = task.crop_policy.frame(upright, key)
+    square = crops[0] if task.crop_policy.is_square_center(task.resolution) else center_square(upright, task.resolution)
+    return PreparedSample(bucket, crops, square)
 
 
-def prepare(sample: RawSample, task: IngestTask) -> tuple[SampleVerdict, Framed | None]:
+def prepare(sample: RawSample, task: IngestTask) -> tuple[SampleVerdict, PreparedSample | None]:
     """The sample's own verdict (duplicates are judged later, in order) and, if accepted, its pixels."""
     verdict, image = judge_image(sample, task.validation)
-    return verdict, frame_image(image, verdict.content_hash, task) if verdict.ok else None
+    return verdict, prepare_image(image, verdict.content_hash, task) if verdict.ok else None
 
 
-def _prepare_chunk(chunk: list[RawSample], task: IngestTask) -> list[tuple[SampleVerdict, Framed | None]]:
+def _prepare_chunk(chunk: list[RawSample], task: IngestTask) -> list[tuple[SampleVerdict, PreparedSample | None]]:
     return [prepare(sample, task) for sample in chunk]
 
 
 def ingest(samples: Iterable[RawSample], validator: Validator, task: IngestTask,
-           num_workers: int = 0) -> Iterator[tuple[RawSample, SampleVerdict, Framed | None]]:
+           num_workers: int = 0) -> Iterator[tuple[RawSample, SampleVerdict, PreparedSample | None]]:
     """Every sample with its final verdict and, if accepted, its pixels, in source order.
 
     Stop early by closing the iterator (a `break`): unfinished work is cancelled.
@@ -94,16 +94,16 @@ def ingest(samples: Iterable[RawSample], validator: Validator, task: IngestTask,
     if num_workers == 0:
         for sample in samples:
             verdict = validator.judge(sample)
-            framed = frame_image(validator.last_image, verdict.content_hash, task) if verdict.ok else None
-            yield sample, verdict, framed
+            prepared = prepare_image(validator.last_image, verdict.content_hash, task) if verdict.ok else None
+            yield sample, verdict, prepared
         return
-    for sample, (verdict, framed) in _pooled(samples, task, num_workers):
+    for sample, (verdict, prepared) in _pooled(samples, task, num_workers):
         verdict = validator.record(sample, verdict)
-        yield sample, verdict, framed if verdict.ok else None
+        yield sample, verdict, prepared if verdict.ok else None
 
 
 def _pooled(samples: Iterable[RawSample], task: IngestTask,
-            num_workers: int) -> Iterator[tuple[RawSample, tuple[SampleVerdict, Framed | None]]]:
+            num_workers: int) -> Iterator[tuple[RawSample, tuple[SampleVerdict, PreparedSample | None]]]:
     pending: deque[tuple[list[RawSample], Future]] = deque()
     pool = ProcessPoolExecutor(num_workers, mp_context=_context())
     try:
@@ -117,7 +117,8 @@ def _pooled(samples: Iterable[RawSample], task: IngestTask,
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _results(entry: tuple[list[RawSample], Future]) -> Iterator[tuple[RawSample, tuple[SampleVerdict, Framed | None]]]:
+def _results(entry: tuple[list[RawSample], Future],
+             ) -> Iterator[tuple[RawSample, tuple[SampleVerdict, PreparedSample | None]]]:
     chunk, future = entry
     yield from zip(chunk, future.result())
 

@@ -18,7 +18,7 @@ from diffusers import AutoencoderKL
 
 from stablediff.data.cache_fill import EncodeCounts, encode_all
 from stablediff.data.feature_cache import FeatureCache, vae_fingerprint
-from stablediff.data.training_set import FramedImages
+from stablediff.data.training_set import BucketedCrops
 from stablediff.errors import ModelFileError
 from stablediff.models.build import vae_folder
 from stablediff.models.text_encoder import TextEncoder
@@ -107,26 +107,26 @@ def caption_table(captions: list[list[str]]) -> tuple[list[str], list[list[int]]
     return list(table), caption_ids
 
 
-def assemble(framed: FramedImages, embeddings: torch.Tensor, caption_ids: list[list[int]], bucketed: bool,
+def assemble(prepared: BucketedCrops, embeddings: torch.Tensor, caption_ids: list[list[int]], bucketed: bool,
              encode: Callable[[int, int, list[int], torch.Tensor], Posteriors]) -> EncodedDataset:
     """Per bucket, stack `encode(bucket, variant, members, crops)` over the crop variants."""
-    bucket_of = torch.tensor(framed.bucket_ids, dtype=torch.long)
-    row_of = torch.zeros(len(framed), dtype=torch.long)
+    bucket_of = torch.tensor(prepared.bucket_ids, dtype=torch.long)
+    row_of = torch.zeros(len(prepared), dtype=torch.long)
     groups = []
-    for bucket in sorted(set(framed.bucket_ids)):
+    for bucket in sorted(set(prepared.bucket_ids)):
         per_variant = []
-        for variant in range(framed.framing.variants):
-            members, crops = framed.stack(bucket, variant)
+        for variant in range(prepared.crop_policy.variants):
+            members, crops = prepared.stack(bucket, variant)
             per_variant.append(encode(bucket, variant, members, crops))
         row_of[members] = torch.arange(len(members))
         bucket_of[members] = len(groups)  # buckets no sample fell in are left out
         stacked = [None if parts[0] is None else torch.stack(parts) for parts in zip(*per_variant)]
-        groups.append(LatentBucket(framed.framing.sizes[bucket], *stacked))
+        groups.append(LatentBucket(prepared.crop_policy.sizes[bucket], *stacked))
     return EncodedDataset(groups, bucket_of, row_of, embeddings, caption_ids, bucketed)
 
 
 @torch.no_grad()
-def encode_dataset(vae: AutoencoderKL, framed: FramedImages, captions: list[list[str]], text_encoder: TextEncoder,
+def encode_dataset(vae: AutoencoderKL, prepared: BucketedCrops, captions: list[list[str]], text_encoder: TextEncoder,
                    flip: bool = False, bucketed: bool = False, batch_size: int = 256) -> EncodedDataset:
     """Encode in memory, no cache: the reference the cached path must equal."""
     vae.eval()
@@ -136,7 +136,7 @@ def encode_dataset(vae: AutoencoderKL, framed: FramedImages, captions: list[list
         return (mean, std, *_encode(vae, crops.flip(-1), batch_size)) if flip else (mean, std, None, None)
 
     distinct, caption_ids = caption_table(captions)
-    return assemble(framed, text_encoder.encode(distinct), caption_ids, bucketed, encode)
+    return assemble(prepared, text_encoder.encode(distinct), caption_ids, bucketed, encode)
 
 
 def _encode(vae: AutoencoderKL, images: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,13 +148,13 @@ def _encode(vae: AutoencoderKL, images: torch.Tensor, batch_size: int) -> tuple[
     return torch.cat(means), torch.cat(stds)
 
 
-def encode_dataset_cached(vae: AutoencoderKL, framed: FramedImages, captions: list[list[str]],
+def encode_dataset_cached(vae: AutoencoderKL, prepared: BucketedCrops, captions: list[list[str]],
                           text_encoder: TextEncoder, cache: FeatureCache, flip: bool = False, bucketed: bool = False,
                           batch_size: int = 256,
                           on_batch: Callable[[], None] | None = None) -> tuple[EncodedDataset, EncodeCounts]:
     """Like `encode_dataset`, through the on-disk cache: only what is not cached is encoded.
 
-    Each (bucket, crop variant) is its own latents namespace (`Framing.transform_id`).
+    Each (bucket, crop variant) is its own latents namespace (`CropPolicy.transform_id`).
     `on_batch` is called after each encoded batch and may raise to stop (SIGTERM): the rows
     encoded so far are flushed into the cache on the way out.
     """
@@ -164,8 +164,8 @@ def encode_dataset_cached(vae: AutoencoderKL, framed: FramedImages, captions: li
     counts = EncodeCounts()
 
     def encode(bucket: int, variant: int, members: list[int], crops: torch.Tensor) -> Posteriors:
-        transform_id = framed.framing.transform_id(bucket, variant)
-        keys = [framed.keys[i] for i in members]
+        transform_id = prepared.crop_policy.transform_id(bucket, variant)
+        keys = [prepared.keys[i] for i in members]
         with cache.latents(vae, transform_id, fingerprint) as latents:  # one store: shards verified once
             done = encode_all(cache, vae, None, [(k, image, ()) for k, image in zip(keys, crops)], transform_id,
                               flip=flip, batch_size=batch_size, fingerprint=fingerprint, latents=latents,
@@ -186,4 +186,4 @@ def encode_dataset_cached(vae: AutoencoderKL, framed: FramedImages, captions: li
     used = {c for variants in captions for c in variants}  # "" counts only when a sample uses it
     counts.text_encoded = sum(c in used for c in missing)
     counts.text_reused = len(used) - counts.text_encoded
-    return assemble(framed, embeddings, caption_ids, bucketed, encode), counts
+    return assemble(prepared, embeddings, caption_ids, bucketed, encode), counts

@@ -84,7 +84,7 @@ def commit_run_files(config: RunConfig, run_dir: Path, resume, check: ResumeChec
 
 def load_training_images(config: RunConfig, run_dir: Path) -> CaptionedImages:
     """The digits' fixed split, or any source through validation: `.images`, `.held_out`, `.captions`,
-    `.keys` (content hashes, for the feature cache) and `.framed` (bucketed, cropped: for the latents)."""
+    `.keys` (content hashes, for the feature cache) and `.prepared` (bucketed, cropped: for the latents)."""
     return load_training_data(config.data, config.seed, run_dir, bucket_step(config.vae), say,
                               stop=safe_point("while reading the data", "nothing needed saving yet"))
 
@@ -95,7 +95,7 @@ def encode_features(config: RunConfig, run_dir: Path, vae, loaded: CaptionedImag
     stop = safe_point("while encoding features", f"what was encoded is kept in {cache.root} (and stage 1 "
                                                  "in its checkpoint)")
     stop()
-    data, counts = encode_dataset_cached(vae, loaded.framed, loaded.captions, text_encoder, cache,
+    data, counts = encode_dataset_cached(vae, loaded.prepared, loaded.captions, text_encoder, cache,
                                          flip=config.data.flip_probability > 0,
                                          bucketed=config.data.buckets is not None, on_batch=stop)
     say(f"features: {counts.latents_encoded} images and {counts.text_encoded} captions encoded, "

@@ -33,7 +33,7 @@ CropMode = Literal["center", "random"]
 
 
 @dataclass(frozen=True)
-class Framing:
+class CropPolicy:
     """The buckets and crop policy: a pure function from (image, key) to crops."""
 
     sizes: tuple[Bucket, ...]  # (width, height) of each bucket
@@ -43,7 +43,7 @@ class Framing:
 
     def __post_init__(self) -> None:
         if not self.sizes:
-            raise ValueError("a framing needs at least one bucket size")
+            raise ValueError("a crop policy needs at least one bucket size")
         if self.crop not in ("center", "random"):
             raise ConfigError(f"data.crop must be 'center' or 'random', got {self.crop!r}")
         if self.variants < 1 or (self.crop == "center" and self.variants != 1):
@@ -51,7 +51,7 @@ class Framing:
                               "set data.crop: random for more")
 
     @classmethod
-    def square(cls, resolution: int, crop: CropMode = "center", variants: int = 1, seed: int = 0) -> Framing:
+    def square(cls, resolution: int, crop: CropMode = "center", variants: int = 1, seed: int = 0) -> CropPolicy:
         return cls(((resolution, resolution),), crop, variants, seed)
 
     def bucket_of(self, width: int, height: int) -> int:
