@@ -70,7 +70,8 @@ class ImagePipeline:
     def generate(self, request: GenerationRequest, init_image=None, mask=None) -> list[Image.Image]:
         """The images of `request`; a prompt past the text encoder's limit gives a TruncatedPromptWarning."""
         from stablediff.inference import pipeline as sd
-        from stablediff.inference.images import open_init_image, open_mask, to_rgb
+        from stablediff.data.transforms import to_rgb
+        from stablediff.inference.images import open_init_image, open_mask
         from stablediff.inference.lora import apply_loras
         from stablediff.inference.schedulers import make_scheduler
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from stablediff.data.transforms import to_rgb
 from stablediff.errors import GenerationError, MissingPathError
 
 ASPECT_TOLERANCE = 0.01
@@ -27,15 +28,6 @@ def read_image(path: Path, what: str) -> Image.Image:
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise GenerationError(f"{what} {path} cannot be read as an image ({exc}); give a PNG or JPEG image, "
                               "re-saved if it is truncated") from None
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB, with any transparency over white (what the user saw in an image viewer)."""
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, "white")
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
 
 
 def open_init_image(path: Path, size: tuple[int, int] | None) -> Image.Image:

@@ -21,6 +21,7 @@ from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipe
 from PIL import Image
 
 from stablediff.errors import GenerationError
+from stablediff.models.build import downscale_factor
 
 
 def model_default_size(pipe) -> tuple[int, int]:
@@ -30,7 +31,7 @@ def model_default_size(pipe) -> tuple[int, int]:
 
 def size_multiple(pipe) -> int:
     """Width and height must divide into the VAE's and the UNet's downsampling (and diffusers' 8)."""
-    unet_factor = 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    unet_factor = downscale_factor(pipe.unet.config.block_out_channels)
     return math.lcm(pipe.vae_scale_factor * unet_factor, 8)
 
 

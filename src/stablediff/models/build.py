@@ -41,8 +41,13 @@ def load_vae(folder: str, trust_pickle: bool = False) -> AutoencoderKL:
     return AutoencoderKL.from_pretrained(path, local_files_only=True)
 
 
+def downscale_factor(block_out_channels) -> int:
+    """Pixels per latent cell of a VAE encoder (or a UNet) with these levels: each level but the last halves."""
+    return 2 ** (len(block_out_channels) - 1)
+
+
 def vae_downscale(vae: AutoencoderKL) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+    return downscale_factor(vae.config.block_out_channels)
 
 
 def build_unet(cfg: UNetConfig, latent_channels: int, latent_size: int, cross_attention_dim: int) -> UNet2DConditionModel:

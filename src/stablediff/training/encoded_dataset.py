@@ -20,7 +20,7 @@ from stablediff.data.cache_fill import EncodeCounts, encode_all
 from stablediff.data.feature_cache import FeatureCache, vae_fingerprint
 from stablediff.data.training_set import BucketedCrops
 from stablediff.errors import ModelFileError
-from stablediff.models.build import vae_folder
+from stablediff.models.build import downscale_factor, vae_folder
 from stablediff.models.text_encoder import TextEncoder
 
 Posteriors = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]  # mean, std, flip_*
@@ -97,7 +97,7 @@ def bucket_step(vae_cfg) -> int:
         except (OSError, ValueError, KeyError) as exc:
             raise ModelFileError(f"vae.pretrained: cannot read block_out_channels from {config_file} ({exc}); "
                                  "point it at a diffusers AutoencoderKL folder") from exc
-    return 8 * 2 ** (len(channels) - 1)
+    return 8 * downscale_factor(channels)
 
 
 def caption_table(captions: list[list[str]]) -> tuple[list[str], list[list[int]]]:
