@@ -20,9 +20,9 @@ from stablediff.checkpoint.lock import RunLock
 RunLock(sys.argv[1]).acquire("test holder")
 child = os.fork() if sys.argv[2] == "fork" else 0
 if child == 0 and sys.argv[2] == "fork":
-    print("child-ready", flush=True)  # its fork hook has run: the parent may be killed now
+    os.write(1, b"child-ready\\n")  # its fork hook has run: the parent may be killed now (one write: lines never mix)
     time.sleep(600)
-print(child, flush=True)
+os.write(1, f"{child}\\n".encode())
 time.sleep(600)
 """
 
