@@ -27,6 +27,7 @@ from typing import Callable, Iterator
 from stablediff.io.atomic import TEMP_MARKER, fsync_path, replace_atomic, temp_name
 from stablediff.errors import PathExistsError, UserError
 from stablediff.models.export_record import write_record
+from stablediff.models.quiet import quiet_hf_libraries
 
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
 _LEFTOVER = re.compile(re.escape(TEMP_MARKER) + r"(\d+)-[0-9a-f]+$")
@@ -110,7 +111,8 @@ def save_folder(write: Callable[[Path], None], out: Path, replace: bool, step: i
                 weights: str = "ema") -> Path:
     """`write(tmp)` fills the folder, which then becomes `out`; `step` is recorded (models/export_record.py)."""
     with folder(out, replace) as tmp:
-        write(tmp)
+        with quiet_hf_libraries():  # no "Writing model shards" bars from transformers' save_pretrained
+            write(tmp)
         if step is not None:
             write_record(tmp, step, weights)
     return Path(out)
