@@ -13,6 +13,20 @@ def draw(order, batches, batch_size):
     return [order.next_batch(batch_size).tolist() for _ in range(batches)]
 
 
+def sequences_resumed_at(make, world_size: int, resume_at: int, total: int) -> list:
+    """Each rank's `total` batches of 4, its order saved and restored into a fresh one after `resume_at`."""
+    out = []
+    for rank in range(world_size):
+        order = make(world_size, rank)
+        seq = draw(order, resume_at, 4)
+        if resume_at:
+            state = order.state_dict()
+            order = make(world_size, rank)
+            order.load_state_dict(state)
+        out.append(seq + draw(order, total - resume_at, 4))
+    return out
+
+
 def test_same_seed_same_order_different_seed_different_order():
     a = draw(BatchOrder(50, seed=1), 5, 8)
     b = draw(BatchOrder(50, seed=1), 5, 8)
@@ -30,20 +44,10 @@ def test_an_epoch_visits_every_sample_once():
 @pytest.mark.parametrize("world_size", [1, 2])
 @pytest.mark.parametrize("stop_at", [0, 3, 7, 11])
 def test_resume_at_any_batch_continues_the_same_sequence(world_size, stop_at):
-    def run(resume_at):
-        out = []
-        for rank in range(world_size):
-            order = BatchOrder(37, seed=5, world_size=world_size, rank=rank)
-            seq = draw(order, resume_at, 4)
-            if resume_at:
-                state = order.state_dict()
-                order = BatchOrder(37, seed=5, world_size=world_size, rank=rank)
-                order.load_state_dict(state)
-            seq += draw(order, 15 - resume_at, 4)
-            out.append(seq)
-        return out
+    def make(world_size, rank):
+        return BatchOrder(37, seed=5, world_size=world_size, rank=rank)
 
-    assert run(stop_at) == run(0)
+    assert sequences_resumed_at(make, world_size, stop_at, 15) == sequences_resumed_at(make, world_size, 0, 15)
 
 
 def test_two_ranks_read_disjoint_shards():
@@ -102,20 +106,7 @@ def test_bucketed_order_depends_on_seed_and_epoch():
 @pytest.mark.parametrize("world_size", [1, 2])
 @pytest.mark.parametrize("stop_at", [1, 4, 9])
 def test_bucketed_resume_mid_epoch_continues_the_same_sequence(world_size, stop_at):
-    def run(resume_at):
-        out = []
-        for rank in range(world_size):
-            order = bucketed(world_size, rank)
-            seq = draw(order, resume_at, 4)
-            if resume_at:
-                state = order.state_dict()
-                order = bucketed(world_size, rank)
-                order.load_state_dict(state)
-            seq += draw(order, 20 - resume_at, 4)
-            out.append(seq)
-        return out
-
-    assert run(stop_at) == run(0)
+    assert sequences_resumed_at(bucketed, world_size, stop_at, 20) == sequences_resumed_at(bucketed, world_size, 0, 20)
 
 
 def test_bucketed_ranks_read_different_batches():
