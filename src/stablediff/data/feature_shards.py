@@ -53,11 +53,6 @@ def shard_name(shard_id: int) -> str:
 
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """The checkpoint store's commit: temp name, fsync, rename, fsync the directory."""
-    replace_atomic(path, data)
-
-
 @contextmanager
 def _exclusive(directory: Path) -> Iterator[None]:
     if fcntl is None:  # pragma: no cover
@@ -141,7 +136,7 @@ class ShardedStore:
         document = {"format": FORMAT, "identity": self.identity,
                     "shards": {str(shard_id): record for shard_id, record in sorted(self._shards.items())},
                     "entries": {key: list(location) for key, location in self._entries.items()}}
-        _atomic_write(self.directory / INDEX, json.dumps(document, separators=(",", ":")).encode())
+        replace_atomic(self.directory / INDEX, json.dumps(document, separators=(",", ":")).encode())
 
     def _remove_temps(self) -> None:
         """Temps are written only under the lock, so any found while holding it are a crash's leftovers."""
@@ -180,7 +175,7 @@ class ShardedStore:
             self._shards, self._entries = self._read_index()
             self._remove_temps()
             shard_id = max(self._shards, default=-1) + 1  # an orphan from a crash is simply replaced
-            _atomic_write(self.directory / shard_name(shard_id), data)
+            replace_atomic(self.directory / shard_name(shard_id), data)
             record = {"rows": num_rows, "bytes": len(data), "blake3": blake3.blake3(data).hexdigest(),
                       "tensors": sorted(tensors)}
             self._shards[shard_id] = record
