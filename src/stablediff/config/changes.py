@@ -46,6 +46,12 @@ RULES: dict[str, str] = {
     "guard": SAFE,  # acts only when training diverges
     "checkpoint": SAFE,
     "sample": SAFE,
+    "early_stopping": SAFE,  # decides when the run ends, not what any step does
+    "finetune": "base model",
+    "finetune.method": "model shape",
+    "finetune.lora": "model shape",
+    "finetune.freeze": "trainable parameters",
+    "finetune.train_only": "trainable parameters",
 }
 
 _MISSING = object()

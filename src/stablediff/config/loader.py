@@ -6,6 +6,8 @@ Errors name the key, the value given and what is allowed, and are raised as
 
 from __future__ import annotations
 
+import types
+import typing
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
@@ -93,8 +95,7 @@ def _check_key_exists(key: str) -> None:
             where = ".".join(walked) or "the top level"
             raise ConfigError(f"unknown config key {key!r}; allowed at {where}: {', '.join(sorted(fields))}")
         walked.append(part)
-        annotation = fields[part].annotation
-        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        model = _section_model(fields[part].annotation)
 
 
 def describe_validation_error(exc: ValidationError) -> str:
@@ -104,6 +105,8 @@ def describe_validation_error(exc: ValidationError) -> str:
         if err["type"] == "extra_forbidden":
             parent = ".".join(str(p) for p in err["loc"][:-1])
             lines.append(f"  {key}: unknown key; allowed: {', '.join(_allowed_keys(parent))}")
+        elif not err["loc"]:  # a check across sections: the input is the whole config, too long to echo
+            lines.append(f"  {err['msg'].removeprefix('Value error, ')}")
         else:
             given = err.get("input")
             lines.append(f"  {key} = {given!r}: {err['msg']}")
@@ -113,11 +116,19 @@ def describe_validation_error(exc: ValidationError) -> str:
 def _allowed_keys(dotted: str) -> list[str]:
     model: type[BaseModel] = RunConfig
     for part in filter(None, dotted.split(".")):
-        annotation = model.model_fields[part].annotation
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        section = _section_model(model.model_fields[part].annotation)
+        if section is None:
             return []
-        model = annotation
+        model = section
     return sorted(model.model_fields)
+
+
+def _section_model(annotation) -> type[BaseModel] | None:
+    """The config section a field holds: `Section` or an optional `Section | None`; None for a plain value."""
+    candidates = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
+        else (annotation,)
+    sections = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+    return sections[0] if sections else None
 
 
 def dump_config(config: RunConfig) -> str:

@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from stablediff.config.finetune import EarlyStoppingConfig, FinetuneConfig, check_early_stopping
+
 
 def _check_groups(channels: list[int], groups: int, section: str) -> None:
     bad = [c for c in channels if c % groups]
@@ -239,6 +241,8 @@ class RunConfig(Section):
     guard: GuardConfig = Field(default_factory=GuardConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    finetune: FinetuneConfig | None = Field(None, description="present in fine-tune configs (`stablediff finetune`)")
 
     @field_validator("seed")
     @classmethod
@@ -246,3 +250,8 @@ class RunConfig(Section):
         if value < 0:
             raise ValueError("seed must be 0 or positive")
         return value
+
+    @model_validator(mode="after")
+    def _early_stopping_has_its_metric(self) -> "RunConfig":
+        check_early_stopping(self.early_stopping, self.train.validate_every)
+        return self
