@@ -37,6 +37,9 @@ OPTIMIZER_PARAM_GROUPS = "optimizer_param_groups"
 VAE_REPORT = "vae_report"  # a finished stage 1's report
 VAE_SCALING_FACTOR = "vae_scaling_factor"
 LORA_CONFIG = "lora_config"  # the peft LoraConfig as a dict: rank, alpha, target modules
+FINETUNE_BASE = "finetune_base"  # a fine-tune's base: kind, path, name, step, sha256 (finetune/base.py)
+TRAINING_STARTED_AT = "training_started_at"  # unix time of the run's first start (LoRA metadata reports it)
+EARLY_STOPPING = "early_stopping"  # the early-stopping tracker's state (training/early_stop.py)
 # Meta that `ckpt info` leaves out: large, and read by the trainer rather than by people.
 BULKY_META = (CONFIG, RNG_META, OPTIMIZER_PARAM_GROUPS)
 

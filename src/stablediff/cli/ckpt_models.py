@@ -94,7 +94,7 @@ def export(run_dir: Path, fmt: str, step, best: bool, ema: bool, out: Path | Non
     if fmt == "lora":
         save_lora(loaded, out, source)
     else:
-        pipe = pipeline_from_checkpoint(loaded, ema, trust_pickle, source)
+        pipe = pipeline_from_checkpoint(loaded, ema, trust_pickle, source, run_dir=run_dir)
         if fmt == "diffusers":
             save_pipeline_folder(pipe, out, replace=force, step=loaded.step, weights=weights)
         else:

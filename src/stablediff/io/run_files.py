@@ -52,3 +52,23 @@ def cut_torn_tail(path: Path) -> None:
         handle.seek(0)
         data = handle.read()
         handle.truncate(data.rfind(b"\n") + 1)
+
+
+EVAL_FILE = "eval.json"  # RUN_DIR/eval.json: the "best" mark that export, generate and early stopping read
+
+
+def read_eval(run_dir: Path) -> dict:
+    """RUN_DIR/eval.json as a dict ({} when missing or unreadable: the mark is then recomputed)."""
+    try:
+        data = json.loads((Path(run_dir) / EVAL_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def update_eval(run_dir: Path, **entries) -> None:
+    """Set top-level entries of RUN_DIR/eval.json, atomically (a reader sees the old file or the new one)."""
+    from stablediff.io.atomic import replace_atomic
+
+    data = {**read_eval(run_dir), **entries}
+    replace_atomic(Path(run_dir) / EVAL_FILE, (json.dumps(data, indent=2) + "\n").encode())

@@ -65,10 +65,21 @@ def pipeline_from_run(run_dir: Path, step: int | None = None, best: bool = False
     """The StableDiffusionPipeline of a run's checkpoint: newest by default, `step`, or `best` by val_loss;
     the EMA UNet unless `ema=False`."""
     loaded = load_run_checkpoint(run_dir, step, best)
-    return pipeline_from_checkpoint(loaded, ema, trust_pickle, source=f"{run_dir} step {loaded.step}")
+    return pipeline_from_checkpoint(loaded, ema, trust_pickle, source=f"{run_dir} step {loaded.step}", run_dir=run_dir)
 
 
-def pipeline_from_checkpoint(loaded: LoadedCheckpoint, ema: bool, trust_pickle: bool, source: str):
+def pipeline_from_checkpoint(loaded: LoadedCheckpoint, ema: bool, trust_pickle: bool, source: str,
+                             run_dir: Path | None = None, merge_scale: float = 1.0):
+    """The pipeline of a training run's checkpoint, or of a fine-tune's (its base in `run_dir` plus what
+    trained; LoRA adapters merged at `merge_scale`)."""
+    from stablediff.models.finetuned_run import finetuned_pipeline, is_finetune
+
+    if is_finetune(loaded.meta):
+        return finetuned_pipeline(run_dir, loaded, ema, merge=True, scale=merge_scale)
+    return _trained_pipeline(loaded, ema, trust_pickle, source)
+
+
+def _trained_pipeline(loaded: LoadedCheckpoint, ema: bool, trust_pickle: bool, source: str):
     from stablediff.config import RunConfig
     from stablediff.models.pipeline_assembly import assemble_pipeline
     from stablediff.models.build import build_noise_scheduler, build_unet, build_vae, vae_downscale

@@ -51,6 +51,8 @@ class EMA:
         self.decay = decay
         self.half_life_images = half_life_images
         self.warmup = warmup
+        # Only parameters that train move: a LoRA or frozen-layer fine-tune's frozen base is not averaged.
+        self._trained = [i for i, p in enumerate(model.parameters()) if p.requires_grad]
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
     def decay_at(self, step: int, batch_size: int | None = None) -> float:
@@ -66,8 +68,9 @@ class EMA:
     def update(self, model: torch.nn.Module, step: int, batch_size: int | None = None) -> None:
         """ema <- d * ema + (1 - d) * model, with d = decay_at(step, batch_size)."""
         d = self.decay_at(step, batch_size)
-        ema_params = list(self.model.parameters())
-        params = [p.detach().to(e.device) for p, e in zip(model.parameters(), ema_params)]
+        all_ema, all_params = list(self.model.parameters()), list(model.parameters())
+        ema_params = [all_ema[i] for i in self._trained]
+        params = [all_params[i].detach().to(ema_params[n].device) for n, i in enumerate(self._trained)]
         torch._foreach_lerp_(ema_params, params, 1.0 - d)
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from stablediff.checkpoint import CheckpointStore
-from stablediff.run_schema import UNET_STAGE, stage_of
+from stablediff.run_schema import EARLY_STOPPING, UNET_STAGE, stage_of
 from stablediff.models.export_record import exported_step
 
 # Files that a whole export holds (diffusers writes model_index.json; the pixel export has no VAE).
@@ -21,10 +21,11 @@ PIXEL_FILES = ("unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_
 
 
 def completed_step(resume, max_steps: int) -> int | None:
-    """The step of a resumed stage-2 checkpoint that already reached `max_steps`, else None."""
-    if resume is None or stage_of(resume.meta) != UNET_STAGE or resume.step < max_steps:
+    """The step of a resumed stage-2 checkpoint that already reached `max_steps` or stopped early, else None."""
+    if resume is None or stage_of(resume.meta) != UNET_STAGE:
         return None
-    return resume.step
+    stopped = (resume.meta.get(EARLY_STOPPING) or {}).get("stopped_at") is not None
+    return resume.step if stopped or resume.step >= max_steps else None
 
 
 def outputs_up_to_date(step: int, export_dir: Path, final_grid: Path, store_dir: Path, pixel: bool,

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import sys
 
+from stablediff import run_schema as schema
+from stablediff.io.run_files import update_eval
 from stablediff.training.context import RunContext
+from stablediff.training.early_stop import EarlyStopping
 from stablediff.training.periodic import make_validation_set, run_validation, write_samples
 from stablediff.training import state as train_state
 from stablediff.training.rollback import logged_rollbacks, roll_back, rollback_event
@@ -25,6 +28,7 @@ class RunHooks(LoopHooks):
         self.stage, self.checkpointer, self.resume = stage, checkpointer, resume
         self.tensorboard = tensorboard
         self._log_continued_rollback()
+        self.early_stopping = self._restore_early_stopping(stage.state)
         self.val_loss: float | None = None
         self.validation_set = None
         if run.config.train.validate_every and run.dist.is_main:
@@ -42,8 +46,35 @@ class RunHooks(LoopHooks):
             resumed, self.resume = self.resume.step, None  # once: a rollback to that step must not log it again
             self.metrics.write(event="resumed", step=resumed)
         validated = self._maybe_validate(state)
+        improved = validated and self._track_best(state)
         self._maybe_sample(state)
         self.checkpointer.after_step(state.step, self.stage.capture, self.last_metrics(state), force=validated)
+        if improved and self.dist.is_main:  # after the save is queued: the mark names a checkpoint being written
+            update_eval(self.run_dir, best=self.early_stopping.best_mark())
+
+    def _restore_early_stopping(self, state: UNetTrainState) -> EarlyStopping:
+        tracker = EarlyStopping.from_config(self.config.early_stopping)
+        saved = self.resume.meta.get(schema.EARLY_STOPPING) if self.resume is not None else None
+        if saved:
+            tracker.load_state_dict(saved)
+        state.extra[schema.EARLY_STOPPING] = tracker.state_dict()
+        if tracker.should_stop:
+            state.stop_reason = tracker.reason()
+        return tracker
+
+    def _track_best(self, state: UNetTrainState) -> bool:
+        """Feed the evaluation to early stopping; True when this step is the new best."""
+        value = self.last_metrics(state).get(self.early_stopping.metric)
+        if value is None:
+            return False
+        improved = self.early_stopping.update(state.step, float(value))
+        state.extra[schema.EARLY_STOPPING] = self.early_stopping.state_dict()
+        if self.early_stopping.should_stop:
+            state.stop_reason = self.early_stopping.reason()
+            if self.metrics is not None:
+                self.metrics.write(event="early_stopping", step=state.step, reason=state.stop_reason,
+                                   best_step=self.early_stopping.best_step)
+        return improved
 
     def _maybe_validate(self, state: UNetTrainState) -> bool:
         every = self.config.train.validate_every

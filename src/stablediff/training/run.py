@@ -50,6 +50,7 @@ class RunResult:
     final_loss: float
     pipeline: object
     complete_at: int | None = None  # the run had already reached max_steps at this step when started
+    stop_reason: str | None = None  # why early stopping ended the run
 
 
 def say(message: str) -> None:
@@ -155,8 +156,12 @@ def open_run(config: RunConfig, run_dir: Path, fresh: bool, dist_info: distribut
     return RunContext(config, run_dir, metrics, dist_info)
 
 
-def train_stage2(run: RunContext, trust_pickle: bool, device, allow_config_change: bool = False) -> Stage2:
-    """Build (or restore) stage 2 and run its loop with checkpoints, validation and rollback."""
+def train_stage2(run: RunContext, trust_pickle: bool, device, allow_config_change: bool = False,
+                 build: Callable[..., Stage2] | None = None) -> Stage2:
+    """Build (or restore) stage 2 and run its loop with checkpoints, validation and rollback.
+
+    `build(run, resume, trust_pickle, device, check)` makes the Stage2: `build_stage2` for a
+    training run, the fine-tune's own for `stablediff finetune` (finetune/run.py)."""
     config, run_dir, metrics, is_main = run.config, run.run_dir, run.metrics, run.dist.is_main
     primary, replicas = open_stores(run_dir, config.checkpoint)
     resume = find_resume(primary, replicas, say, announce=False)
@@ -164,13 +169,14 @@ def train_stage2(run: RunContext, trust_pickle: bool, device, allow_config_chang
     if resume is None and is_main:
         commit_run_files(config, run_dir, None, None, metrics, {})
     with explain_load_errors(check):
-        stage = build_stage2(run, resume, trust_pickle, device, check)
+        stage = (build or build_stage2)(run, resume, trust_pickle, device, check)
     if resume is not None and is_main:
         commit_run_files(config, run_dir, resume, check, metrics, stage.state.extra)
     stage.complete_at = completed_step(train_state.unet_resume(resume), config.train.max_steps)
     resume = train_state.unet_resume(resume)  # a stage-1 checkpoint was resumed by build_stage2
     checkpointer = RunCheckpointer(primary, replicas, config.checkpoint, say, run.dist,
-                                   rollback_window=config.guard.within_steps if config.guard.enabled else None)
+                                   rollback_window=config.guard.within_steps if config.guard.enabled else None,
+                                   best=(config.early_stopping.metric, config.early_stopping.mode))
     hooks = make_hooks(run, stage, checkpointer, resume)
     try:
         loop_stage2(run, stage, checkpointer, hooks, resume)
@@ -195,6 +201,8 @@ def loop_stage2(run: RunContext, stage: Stage2, checkpointer: RunCheckpointer, h
     if run.dist.enabled:
         wrap_data_parallel(stage.state)
     train_unet(stage.state, stage.data, stage.noise_scheduler, stage.scaling_factor, run, hooks)
+    if stage.state.stop_reason and stage.complete_at is None:
+        say(f"stopped early at step {stage.state.step}: {stage.state.stop_reason}")
     checkpointer.finish(stage.state.step, stage.capture, hooks.last_metrics(stage.state))
 
 
@@ -293,7 +301,8 @@ def export_and_sample(config: RunConfig, run_dir: Path, stage: Stage2) -> RunRes
     pixel = stage.vae is None  # no StableDiffusionPipeline without a VAE: the UNet and scheduler alone
     export_dir = run_dir / "export" / ("pixel" if pixel else "diffusers")
     pipe = None if pixel else stage.pipeline()
-    result = RunResult(run_dir, export_dir, stage.vae_report, stage.state.last_loss, pipe, stage.complete_at)
+    result = RunResult(run_dir, export_dir, stage.vae_report, stage.state.last_loss, pipe, stage.complete_at,
+                       stage.state.stop_reason)
     final_grid = run_dir / "samples" / "final.png"
     if stage.complete_at is not None and outputs_up_to_date(stage.complete_at, export_dir, final_grid,
                                                             run_dir / "checkpoints", pixel, say):

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from stablediff import run_schema as schema
+from stablediff.models.adapters import load_trained, trained_tensors
 from stablediff.version import __version__
 
 _PACKAGE_DIR = Path(__file__).resolve().parents[1]  # src/stablediff: git runs there
@@ -49,8 +50,12 @@ def capture(state, vae: torch.nn.Module | None, config_dump: dict, fingerprints:
     tensors: dict[str, torch.Tensor] = {}
     if vae is not None:  # pixel-space models have none
         tensors.update(schema.prefixed(schema.VAE, vae.state_dict()))
-    tensors.update(schema.prefixed(schema.UNET, state.unet.state_dict()))
-    tensors.update(schema.prefixed(schema.EMA, state.ema.state_dict()))
+    unet, ema = state.unet.state_dict(), state.ema.state_dict()
+    if state.trained_only:  # a fine-tune: the frozen rest is its base (RUN_DIR/base), not checkpoint bytes
+        names = set(trained_tensors(state.unet))
+        unet, ema = ({k: v for k, v in sd.items() if k in names} for sd in (unet, ema))
+    tensors.update(schema.prefixed(schema.UNET, unet))
+    tensors.update(schema.prefixed(schema.EMA, ema))
     optim = state.optimizer.state_dict()
     tensors.update(_optimizer_tensors(schema.OPTIM, optim))
     rng_tensors, rng_meta = local_rng()
@@ -106,8 +111,12 @@ def restore(state, tensors: dict[str, torch.Tensor], meta: dict, rank: int = 0) 
     `meta[CONTINUE_ROLLBACK]` (put there by find_resume): the rolled-back trajectory
     then continues (lowered LR, rollback count, skipped batches; training/rollback.py).
     """
-    state.unet.load_state_dict(schema.unprefixed(schema.UNET, tensors))
-    state.ema.load_state_dict(schema.unprefixed(schema.EMA, tensors))
+    if state.trained_only:
+        load_trained(state.unet, schema.unprefixed(schema.UNET, tensors), "the checkpoint's UNet")
+        load_trained(state.ema.model, schema.unprefixed(schema.EMA, tensors), "the checkpoint's EMA")
+    else:
+        state.unet.load_state_dict(schema.unprefixed(schema.UNET, tensors))
+        state.ema.load_state_dict(schema.unprefixed(schema.EMA, tensors))
     state.optimizer.load_state_dict(_optimizer_state(schema.OPTIM, tensors, meta[schema.OPTIMIZER_PARAM_GROUPS]))
     state.lr_scheduler.load_state_dict(meta["lr_scheduler"])
     state.order.load_state_dict(meta["sampler"])  # meta key "sampler" = the data order (old spelling, kept)

@@ -48,6 +48,8 @@ class UNetTrainState:
     lr_scale: float = 1.0  # lowered by each divergence rollback; part of the checkpoint
     skipped_batches: int = 0  # batches rollbacks skipped: a step draws with (seed, step + this, rank); checkpointed
     pending_skip: int = 0  # batches the data order still has to pass over (set by a rollback, used at once)
+    stop_reason: str | None = None  # set by early stopping: the loop ends after this step
+    trained_only: bool = False  # a fine-tune: checkpoints hold only the parameters that train
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -111,7 +113,7 @@ def train_unet(state: UNetTrainState, data: EncodedDataset, noise_scheduler: DDP
     step_size = cfg.batch_size * cfg.gradient_accumulation_steps
     with StepProgress("unet", cfg.max_steps, start=state.step, log_every=cfg.log_every,
                       enabled=run.dist.rank == 0) as progress:
-        while state.step < cfg.max_steps:
+        while state.step < cfg.max_steps and state.stop_reason is None:
             t0 = time.perf_counter()
             batch, drawn = next_step_batch(state, data, noise_scheduler, scaling_factor, run)
             verdict = optimizer_step(state, noise_scheduler, batch, cfg, step_size * world_size)

@@ -1,0 +1,69 @@
+"""peft LoRA adapters on a model, what of a model trains, and merging adapters into its weights.
+
+A fine-tune's checkpoint stores only the trained tensors (`trained_tensors`): the
+adapters of a LoRA run, the unfrozen weights of a frozen-layer run. They go back
+onto the base with `load_trained`, which insists that every stored name exists
+in the model, so a checkpoint never "loads" onto the wrong base and changes
+nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from stablediff.errors import CheckpointError
+
+ADAPTER = "default"  # peft's adapter name inside the model (`.lora_A.default.weight`)
+
+
+def attach_lora(model: torch.nn.Module, config: dict) -> None:
+    """Add one peft LoRA adapter (`config`: LoraConfig's keys) and freeze everything else.
+
+    diffusers' UNet and transformers' text models both have `add_adapter`, which
+    injects the layers and leaves only the adapters trainable."""
+    from peft import LoraConfig
+
+    model.add_adapter(LoraConfig(**config), adapter_name=ADAPTER)
+
+
+def trained_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that train, by state-dict name (views, not copies)."""
+    return {name: param for name, param in model.named_parameters() if param.requires_grad}
+
+
+@torch.no_grad()
+def load_trained(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Copy stored trained tensors into `model`; every name must be one of its parameters, shapes equal."""
+    own = dict(model.named_parameters())
+    unknown = sorted(set(tensors) - set(own))
+    if unknown:
+        raise CheckpointError(f"{source}: {len(unknown)} stored tensors are not in this model, e.g. {unknown[0]!r}; "
+                              "the checkpoint belongs to another base model or adapter setting")
+    for name, value in tensors.items():
+        if own[name].shape != value.shape:
+            raise CheckpointError(f"{source}: {name} has shape {tuple(value.shape)}, the model's is "
+                                  f"{tuple(own[name].shape)}")
+        own[name].copy_(value)
+
+
+@torch.no_grad()
+def merged_copy(model: torch.nn.Module, scale: float = 1.0) -> torch.nn.Module:
+    """A plain copy of a LoRA'd diffusers model with its adapters merged at `scale` (W + scale * alpha/r * BA).
+
+    The copy has the base class and config and no peft layers, so it saves like any model."""
+    from peft.tuners.lora import LoraLayer
+
+    deltas = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
+            deltas[f"{name}.weight"] = module.get_delta_weight(ADAPTER) * scale
+    plain = type(model).from_config(model.config)
+    state = {}
+    for name, value in model.state_dict().items():
+        if "lora_" in name:
+            continue
+        state[name.replace(".base_layer.", ".")] = value
+    for name, delta in deltas.items():
+        state[name] = state[name] + delta.to(state[name].dtype)
+    plain.load_state_dict(state)
+    return plain.to(next(model.parameters()).dtype).eval()

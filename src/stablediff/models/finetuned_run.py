@@ -1,0 +1,62 @@
+"""The pipeline of a fine-tune run's checkpoint: RUN_DIR/base plus the tensors that trained.
+
+A fine-tune checkpoint holds only what trains (models/adapters.py): the UNet's
+LoRA adapters (`unet/...lora_A.default.weight`, and their EMA under `ema/`) or
+its unfrozen weights. The frozen rest is the base, copied once into RUN_DIR/base
+as a diffusers folder when the run started (finetune/base.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from stablediff import run_schema as schema
+from stablediff.checkpoint import LoadedCheckpoint
+from stablediff.errors import CheckpointError, MissingPathError
+from stablediff.models.adapters import attach_lora, load_trained, merged_copy
+
+BASE_FOLDER = "base"
+
+
+def is_finetune(meta: dict) -> bool:
+    return schema.FINETUNE_BASE in meta
+
+
+def base_folder(run_dir: Path) -> Path:
+    folder = Path(run_dir) / BASE_FOLDER
+    if not (folder / "model_index.json").is_file():
+        raise MissingPathError(f"{run_dir} is a fine-tune run, but its base model copy {folder} is missing; it is "
+                               "written when the run starts: run `stablediff finetune` on it again to restore it")
+    return folder
+
+
+def trained_group(loaded: LoadedCheckpoint, ema: bool) -> dict:
+    """The UNet tensors to apply: the EMA's when asked and present, else the raw ones."""
+    weights = schema.unprefixed(schema.EMA, loaded.tensors) if ema else {}
+    return weights or schema.unprefixed(schema.UNET, loaded.tensors)
+
+
+def finetuned_pipeline(run_dir: Path, loaded: LoadedCheckpoint, ema: bool = True, merge: bool = False,
+                       scale: float = 1.0):
+    """The base with this checkpoint's training applied; LoRA adapters stay peft layers unless `merge`."""
+    from stablediff.models.pipeline_assembly import load_pipeline_folder
+
+    source = f"{run_dir} step {loaded.step}"
+    pipe = load_pipeline_folder(base_folder(run_dir))
+    lora = loaded.meta.get(schema.LORA_CONFIG)
+    if lora:
+        attach_lora(pipe.unet, lora)
+    weights = trained_group(loaded, ema)
+    if not weights:
+        raise CheckpointError(f"{source} holds no trained UNet tensors")
+    load_trained(pipe.unet, weights, source)
+    if lora and merge:
+        pipe.unet = merged_copy(pipe.unet, scale)
+    elif lora and scale != 1.0:
+        from peft.tuners.lora import LoraLayer
+
+        for module in pipe.unet.modules():
+            if isinstance(module, LoraLayer):
+                module.scale_layer(scale)
+    pipe.unet.eval()
+    return pipe
