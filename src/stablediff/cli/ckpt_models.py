@@ -52,13 +52,19 @@ def export_origin(loaded, step: int | None, best: bool) -> str:
     if step is not None:
         return f"step {loaded.step}, as asked"
     if best:
-        return f"step {loaded.step}, the best by val_loss"
+        return f"step {loaded.step}, the best (RUN_DIR/eval.json's mark, else the lowest val_loss)"
     if not loaded.skipped:
         return f"step {loaded.step}, the newest checkpoint"
     newest = loaded.skipped[0]
     more = f" ({len(loaded.skipped)} newer checkpoints skipped)" if len(loaded.skipped) > 1 else ""
     return (f"step {loaded.step}, NOT the newest: step {newest.step} cannot be loaded ({newest.reason}){more}; "
             "see `stablediff ckpt verify`")
+
+
+def _is_best(run_dir: Path, loaded) -> bool:
+    from stablediff.models.run_export import best_step, open_run_store
+
+    return best_step(open_run_store(run_dir)[0], run_dir) == loaded.step
 
 
 def show_model_info(target: str, trust_pickle: bool) -> None:
@@ -70,8 +76,9 @@ def show_model_info(target: str, trust_pickle: bool) -> None:
 @click.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["diffusers", "single-file", "lora"]), required=True)
-@click.option("--step", type=click.IntRange(0), default=None, help="Which checkpoint (default: the newest).")
-@click.option("--best", is_flag=True, help="The checkpoint with the lowest val_loss.")
+@click.option("--step", type=click.IntRange(0), default=None,
+              help="Which checkpoint (default: the newest; for a fine-tune run, the best when one is marked).")
+@click.option("--best", is_flag=True, help="The best checkpoint (RUN_DIR/eval.json's mark, else the lowest val_loss).")
 @click.option("--ema/--no-ema", default=True, show_default=True, help="EMA weights or the raw trained weights.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Output path (default: RUN_DIR/export/step-N...).")
@@ -83,7 +90,10 @@ def export(run_dir: Path, fmt: str, step, best: bool, ema: bool, out: Path | Non
     from stablediff.models.atomic_output import save_pipeline_folder
     from stablediff.models.run_export import load_run_checkpoint, pipeline_from_checkpoint, save_lora
 
+    from stablediff.models.finetuned_run import is_finetune_run
+
     loaded = load_run_checkpoint(run_dir, step, best)
+    best = best or (step is None and is_finetune_run(run_dir) and not loaded.skipped and _is_best(run_dir, loaded))
     source = f"{run_dir} step {loaded.step}"
     weights = "ema" if ema else "raw"
     suffix = {"diffusers": "", "single-file": ".safetensors", "lora": "-lora.safetensors"}[fmt]

@@ -20,9 +20,7 @@ from pathlib import Path
 
 from stablediff.errors import ConfigError, MissingPathError, ModelFileError
 from stablediff.io.pickle_guard import MODEL_FILE_SUFFIXES
-
-BASE_FOLDER = "base"  # RUN_DIR/base: the base model as a diffusers folder
-BASE_RECORD = "stablediff_base.json"  # inside it: where the base came from
+from stablediff.models.finetuned_run import BASE_FOLDER, BASE_RECORD
 
 
 @dataclass(frozen=True)
@@ -99,12 +97,14 @@ def _float32():
 
 
 def _run_pipeline(parsed: BaseSpec, trust_pickle: bool):
-    from stablediff.finetune.trained import pipeline_of_run
+    """A run's checkpoint as a plain pipeline (a fine-tune run's adapters merged into its base)."""
+    from stablediff.models.run_export import load_run_checkpoint, pipeline_from_checkpoint
 
     selector = parsed.selector
     step = int(selector) if selector is not None and selector.isdigit() else None
-    pipe, loaded = pipeline_of_run(parsed.path, step=step, best=selector == "best",
-                                   best_if_any=selector is None, trust_pickle=trust_pickle)
+    loaded = load_run_checkpoint(parsed.path, step, best=selector == "best", prefer_best=selector is None)
+    pipe = pipeline_from_checkpoint(loaded, ema=True, trust_pickle=trust_pickle,
+                                    source=f"{parsed.path} step {loaded.step}", run_dir=parsed.path)
     return pipe, loaded.step
 
 

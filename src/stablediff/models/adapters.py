@@ -66,4 +66,5 @@ def merged_copy(model: torch.nn.Module, scale: float = 1.0) -> torch.nn.Module:
     for name, delta in deltas.items():
         state[name] = state[name] + delta.to(state[name].dtype)
     plain.load_state_dict(state)
-    return plain.to(next(model.parameters()).dtype).eval()
+    dtype = next(model.parameters()).dtype
+    return (plain if plain.dtype == dtype else plain.to(dtype)).eval()  # .to() only when needed: diffusers warns

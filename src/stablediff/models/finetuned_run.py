@@ -15,7 +15,12 @@ from stablediff.checkpoint import LoadedCheckpoint
 from stablediff.errors import CheckpointError, MissingPathError
 from stablediff.models.adapters import attach_lora, load_trained, merged_copy
 
-BASE_FOLDER = "base"
+BASE_FOLDER = "base"  # RUN_DIR/base: the base model as a diffusers folder
+BASE_RECORD = "stablediff_base.json"  # inside it: where the base came from (finetune/base.py writes it)
+
+
+def is_finetune_run(run_dir: Path) -> bool:
+    return (Path(run_dir) / BASE_FOLDER / BASE_RECORD).is_file()
 
 
 def is_finetune(meta: dict) -> bool:

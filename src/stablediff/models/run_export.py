@@ -20,6 +20,7 @@ from stablediff.checkpoint.retention import best_steps
 from stablediff.checkpoint.run_stores import run_stores
 from stablediff.run_schema import BEST_METRIC
 from stablediff.errors import CheckpointError, MissingPathError
+from stablediff.io.run_files import read_eval
 
 LORA_METADATA_KEY = "lora_adapter_metadata"  # where diffusers' save_lora_weights keeps the LoraConfig
 
@@ -33,22 +34,42 @@ def open_run_store(run_dir: Path) -> tuple[CheckpointStore, list[CheckpointStore
     return run_stores(run_dir)
 
 
-def choose_step(store: CheckpointStore, step: int | None, best: bool) -> int | None:
-    """`step`, the best by val_loss (`best`), or None for the newest that verifies."""
+def choose_step(store: CheckpointStore, step: int | None, best: bool, run_dir: Path | None = None,
+                prefer_best: bool = False) -> int | None:
+    """`step`; the best (`best`, or `prefer_best` when one exists: a fine-tune's default); else None for the
+    newest that verifies."""
     if step is not None and best:
         raise CheckpointError("give either --step or --best, not both")
-    if not best:
+    if step is not None or not (best or prefer_best):
         return step
-    ranked = best_steps(store.list(), RetentionPolicy(keep_best=1, best_metric=BEST_METRIC))
-    if not ranked:
+    chosen = best_step(store, run_dir)
+    if chosen is None and best:
         raise CheckpointError(f"--best: no checkpoint in {store.location} records {BEST_METRIC}, so none is best; "
                               "give --step N (see `stablediff ckpt list`) or leave both out for the newest")
-    return ranked[0]
+    return chosen
 
 
-def load_run_checkpoint(run_dir: Path, step: int | None = None, best: bool = False) -> LoadedCheckpoint:
+def best_step(store: CheckpointStore, run_dir: Path | None = None) -> int | None:
+    """The run's best checkpoint: the mark in RUN_DIR/eval.json while that checkpoint exists, else the best
+    by the marked metric (val_loss, lower is better, when there is no mark); None when nothing ranks."""
+    summaries = store.list()
+    mark = read_eval(run_dir).get("best") if run_dir is not None else None
+    mark = mark if isinstance(mark, dict) else {}
+    if mark.get("step") in {s.step for s in summaries if s.valid}:
+        return int(mark["step"])
+    policy = RetentionPolicy(keep_best=1, best_metric=mark.get("metric", BEST_METRIC), best_mode=mark.get("mode", "min"))
+    ranked = best_steps(summaries, policy)
+    return ranked[0] if ranked else None
+
+
+def load_run_checkpoint(run_dir: Path, step: int | None = None, best: bool = False,
+                        prefer_best: bool | None = None) -> LoadedCheckpoint:
+    """`prefer_best` None: the best by default for a fine-tune run, the newest for a training run."""
+    from stablediff.models.finetuned_run import is_finetune_run
+
     store, replicas = open_run_store(run_dir)
-    loaded = store.load(choose_step(store, step, best), fallbacks=replicas)
+    prefer = is_finetune_run(run_dir) if prefer_best is None else prefer_best
+    loaded = store.load(choose_step(store, step, best, run_dir, prefer), fallbacks=replicas)
     if loaded.meta.get(schema.STAGE) != schema.UNET_STAGE or schema.CONFIG not in loaded.meta:
         raise CheckpointError(f"checkpoint step {loaded.step} of {run_dir} is not a text-to-image UNet checkpoint "
                               f"(stage {loaded.meta.get(schema.STAGE)!r}); it cannot be exported as a pipeline")
@@ -61,10 +82,10 @@ def lora_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def pipeline_from_run(run_dir: Path, step: int | None = None, best: bool = False, ema: bool = True,
-                      trust_pickle: bool = False):
-    """The StableDiffusionPipeline of a run's checkpoint: newest by default, `step`, or `best` by val_loss;
-    the EMA UNet unless `ema=False`."""
-    loaded = load_run_checkpoint(run_dir, step, best)
+                      trust_pickle: bool = False, prefer_best: bool | None = None):
+    """The StableDiffusionPipeline of a run's checkpoint: `step`, `best`, or by default the newest (a
+    training run) or the best (a fine-tune); the EMA UNet unless `ema=False`."""
+    loaded = load_run_checkpoint(run_dir, step, best, prefer_best)
     return pipeline_from_checkpoint(loaded, ema, trust_pickle, source=f"{run_dir} step {loaded.step}", run_dir=run_dir)
 
 

@@ -79,11 +79,21 @@ def load_text_encoder(name: str = "minilm", max_length: int = 16, trust_pickle: 
     return TextEncoder(tokenizer, model, _fingerprint(path, max_length))
 
 
-def _fingerprint(path: Path, max_length: int) -> str:
+def pipeline_text_encoder(pipe, folder: Path) -> TextEncoder:
+    """The text encoder of a pipeline loaded from the diffusers `folder` (its text_encoder/ and tokenizer/),
+    as it is: CLIP without an attention mask, our BERT with the mask its saved config asks for."""
+    pipe.text_encoder.eval().requires_grad_(False)
+    folder = Path(folder)
+    fingerprint = _fingerprint([folder / "text_encoder", folder / "tokenizer"], pipe.tokenizer.model_max_length)
+    return TextEncoder(pipe.tokenizer, pipe.text_encoder, fingerprint)
+
+
+def _fingerprint(paths: Path | list[Path], max_length: int) -> str:
     """BLAKE3 of every config, tokenizer and weight file's bytes, and max_length: a fine-tuned
     encoder saved over the same files gets a new fingerprint (and its own feature cache)."""
     digest = blake3.blake3(f"max_length={max_length}".encode(), max_threads=blake3.blake3.AUTO)
-    for file in sorted(path.glob("*.json")) + sorted(path.glob("*.txt")) + sorted(path.glob("*.safetensors")):
-        digest.update(file.name.encode())
-        digest.update(file.read_bytes())
+    for path in [paths] if isinstance(paths, Path) else paths:
+        for file in sorted(path.glob("*.json")) + sorted(path.glob("*.txt")) + sorted(path.glob("*.safetensors")):
+            digest.update(file.name.encode())
+            digest.update(file.read_bytes())
     return digest.hexdigest()[:16]

@@ -1,0 +1,57 @@
+"""LoRA / LoCon / DoRA adapters for the UNet: targets resolved against the real model, then attached.
+
+A target is a module-name suffix, as peft matches it (`to_q` matches
+`...attn1.to_q`). Presets (config/finetune.py) expand to suffixes; every one
+of them must name at least one Linear or Conv2d of this UNet, because peft
+would otherwise train nothing for it without a word.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from stablediff.config.finetune import ALL_LINEAR, LORA_TARGET_PRESETS, LoraSettings
+from stablediff.errors import ConfigError
+from stablediff.models.adapters import attach_lora
+
+ADAPTABLE = (torch.nn.Linear, torch.nn.Conv2d)
+
+
+def _matches(name: str, suffix: str) -> bool:
+    return name == suffix or name.endswith("." + suffix)
+
+
+def resolve_targets(targets: str | list[str], model: torch.nn.Module) -> list[str]:
+    """The module-name suffixes to adapt; each must match a Linear/Conv2d of `model`."""
+    layers = {name: module for name, module in model.named_modules() if isinstance(module, ADAPTABLE)}
+    if targets == ALL_LINEAR:
+        return sorted(name for name, module in layers.items() if isinstance(module, torch.nn.Linear))
+    suffixes = list(LORA_TARGET_PRESETS.get(targets, ())) if isinstance(targets, str) else list(targets)
+    missing = [s for s in suffixes if not any(_matches(name, s) for name in layers)]
+    preset = isinstance(targets, str)
+    if missing and not preset:
+        examples = sorted({name.rsplit(".", 1)[-1] for name in layers})[:12]
+        raise ConfigError(f"finetune.lora.targets: {', '.join(map(repr, missing))}: no Linear or Conv2d layer "
+                          f"of the base UNet has that name; layer names end in e.g. {', '.join(examples)}. Give module-name "
+                          "suffixes such as to_q or ff.net.2, or a preset: attn, attn+ff, all-linear, conv")
+    found = [s for s in suffixes if s not in missing]  # a preset names what SD UNets have; small ones lack some
+    if not found:
+        raise ConfigError(f"finetune.lora.targets: the preset {targets!r} matches no layer of the base UNet")
+    return found
+
+
+def lora_config(settings: LoraSettings, model: torch.nn.Module) -> dict:
+    """peft LoraConfig keys (JSON-ready: stored in each checkpoint's meta to rebuild the adapters)."""
+    return {"r": settings.rank, "lora_alpha": settings.scale_alpha, "lora_dropout": settings.dropout,
+            "target_modules": resolve_targets(settings.targets, model),
+            "init_lora_weights": True if settings.init == "default" else "gaussian",
+            "use_dora": settings.dora}
+
+
+def add_lora(model: torch.nn.Module, settings: LoraSettings, seed: int) -> dict:
+    """Attach the adapters (initialised from `seed`: a fresh run is reproducible) and return their config."""
+    config = lora_config(settings, model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        attach_lora(model, config)
+    return config

@@ -1,0 +1,92 @@
+"""A whole fine-tune: the base copied into the run, what trains made trainable, the training loop, outputs.
+
+The loop, checkpoints, lock, guard, resume checks, validation and early stopping
+are the training run's (training/run.py `train_stage2`); what differs is how the
+Stage2 is built: the VAE, text encoder, noise schedule and UNet come from the
+base (RUN_DIR/base), there is no VAE stage, and checkpoints hold only what trains.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+from pathlib import Path
+
+from stablediff import run_schema as schema
+from stablediff.errors import ConfigError
+from stablediff.finetune.base import BASE_FOLDER, Base, load_saved_base, save_base
+from stablediff.finetune.freeze import format_report, trainable_report
+from stablediff.finetune.plan import FinetunePlan
+from stablediff.finetune.trainable import make_trainable
+from stablediff.models.text_encoder import pipeline_text_encoder
+from stablediff.training import distributed
+from stablediff.training import state as train_state
+from stablediff.training.context import RunContext
+from stablediff.training.interrupt import handles_signals
+from stablediff.training.precision import resolve_device
+from stablediff.training.run import (RunResult, Stage2, capture_all_ranks, encode_features, load_training_images,
+                                     open_run, say, train_stage2)
+from stablediff.training.seeding import seed_everything
+from stablediff.training.unet_stage import make_train_state
+
+
+@handles_signals
+def run_finetune(plan: FinetunePlan, run_dir: Path, trust_pickle: bool = False,
+                 allow_config_change: bool = False) -> RunResult:
+    config = plan.config
+    dist_info = distributed.from_environment()
+    if dist_info.enabled:
+        raise ConfigError("stablediff finetune runs in one process; start it without torchrun")
+    run = open_run(config, run_dir, False, dist_info)
+    if not plan.saved:  # the first start: the base becomes part of the run (atomic: a kill leaves none)
+        say(f"base: copying {plan.base.record['path']} into {run_dir / BASE_FOLDER}")
+        save_base(plan.base, run_dir)
+    base = load_saved_base(run_dir)  # every start trains on the same copy, so a resume is exact
+    device = resolve_device(config.train.device)
+    stage = train_stage2(run, trust_pickle, device, allow_config_change, build=partial(build_finetune, base=base))
+    return finish(run, stage)
+
+
+def build_finetune(run: RunContext, resume, trust_pickle: bool, device, check, *, base: Base) -> Stage2:
+    """Data and features through the base's VAE and text encoder, then the UNet made trainable."""
+    config, run_dir = run.config, run.run_dir
+    seed_everything(config.seed)
+    loaded = load_training_images(config, run_dir)
+    text_encoder = pipeline_text_encoder(base.pipe, run_dir / BASE_FOLDER)
+    fingerprints = {"code": train_state.code_fingerprint(),
+                    "data": train_state.data_fingerprint(loaded.images, loaded.captions),
+                    "text_encoder": text_encoder.fingerprint}
+    if check is not None:
+        check.check_fingerprints(fingerprints)
+    vae = base.pipe.vae.eval().requires_grad_(False)
+    data = encode_features(config, run_dir, vae, loaded, text_encoder)
+    unet = base.pipe.unet
+    lora = make_trainable(unet, config.finetune, config.seed)
+    report = trainable_report(unet)
+    say(format_report(report))
+    if run.metrics is not None:
+        run.metrics.write(event="trainable", blocks=report)
+    state = make_train_state(unet, config.train, len(data), config.seed, 1, 0, device, config.guard,
+                             bucket_ids=data.order_bucket_ids)
+    state.trained_only = True
+    started = resume.meta.get(schema.TRAINING_STARTED_AT) if resume is not None else None
+    state.extra = {schema.VAE_SCALING_FACTOR: vae.config.scaling_factor, schema.VAE_REPORT: None,
+                   schema.FINETUNE_BASE: base.record, schema.LORA_CONFIG: lora,
+                   schema.TRAINING_STARTED_AT: started or time.time()}
+    if train_state.unet_resume(resume) is not None:
+        meta = check.restorable_meta(state.order) if check is not None else resume.meta
+        train_state.restore(state, resume.tensors, meta)
+    capture = partial(capture_all_ranks, state, None, config.model_dump(mode="json"), fingerprints, run.dist)
+    return Stage2(vae, text_encoder, data, state, base.training_scheduler(), capture, None, loaded.held_out,
+                  loaded.held_out_captions, vae.config.scaling_factor)
+
+
+def finish(run: RunContext, stage: Stage2) -> RunResult:
+    """The final sample grid (from the EMA weights as trained); exports come from `ckpt export` (best by default)."""
+    from stablediff.training.periodic import write_samples
+
+    final_grid = run.run_dir / "samples" / "final.png"
+    if stage.complete_at is None or not final_grid.is_file():
+        write_samples(stage, run.config, final_grid)
+    return RunResult(run.run_dir, run.run_dir / "export", None, stage.state.last_loss, None, stage.complete_at,
+                     stage.state.stop_reason)
