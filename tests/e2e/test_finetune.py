@@ -1,0 +1,142 @@
+"""`stablediff finetune` as a user runs it: a LoRA on the tiny run, early stopping, the best export, bad input."""
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from stablediff.checkpoint import CheckpointStore
+from tests.conftest import REPO, run_cli
+
+LORA = ["--set", "finetune.lora.rank=1", "--set", "train.threads=1", "--set", "train.learning_rate=0.01"]
+
+
+def finetune_args(base, *extra):
+    return ["finetune", "tiny", "--set", f"finetune.base={base}", *LORA, *extra]
+
+
+EARLY = ["--set", "train.max_steps=40", "--set", "train.validate_every=2", "--set", "early_stopping.patience=2",
+         "--set", "early_stopping.min_delta=1.0", "--set", "checkpoint.every_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def early_stopped(tiny_run, tmp_path_factory):
+    """A LoRA run that cannot improve by min_delta=1: it stops after `patience` evaluations, best at the first."""
+    run_dir = tmp_path_factory.mktemp("ft") / "run"
+    result = run_cli(*finetune_args(tiny_run, *EARLY), "--run-dir", str(run_dir))
+    assert result.returncode == 0, result.stderr
+    return run_dir, result
+
+
+@pytest.mark.slow
+def test_early_stopping_ends_the_run_and_says_why(early_stopped):
+    run_dir, result = early_stopped
+    assert "stopped early at step 6: val_loss has not improved" in result.stderr
+    assert "stopped early" in result.stdout
+    assert max(CheckpointStore(run_dir / "checkpoints").steps()) == 6
+    assert json.loads((run_dir / "eval.json").read_text())["best"]["step"] == 2
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any(e.get("event") == "early_stopping" and e["best_step"] == 2 for e in events)
+    assert any(e.get("event") == "trainable" for e in events)
+
+
+@pytest.mark.slow
+def test_the_trainable_report_is_printed_before_the_first_step(early_stopped):
+    stderr = early_stopped[1].stderr
+    assert stderr.index("trainable parameters:") < stderr.index("unet: step")
+    assert "down_blocks.1" in stderr and "frozen" in stderr
+
+
+@pytest.mark.slow
+def test_a_stopped_run_started_again_stays_stopped(early_stopped, tiny_run):
+    run_dir, _ = early_stopped
+    again = run_cli(*finetune_args(tiny_run, *EARLY), "--run-dir", str(run_dir))
+    assert again.returncode == 0, again.stderr
+    assert "run already complete at step 6" in again.stdout
+    assert max(CheckpointStore(run_dir / "checkpoints").steps()) == 6
+
+
+@pytest.mark.slow
+def test_lora_checkpoints_hold_only_the_adapters_and_cost_little(early_stopped, tiny_run):
+    run_dir, _ = early_stopped
+    store = CheckpointStore(run_dir / "checkpoints")
+    manifest = store.read_manifest(6)
+    model_tensors = [n for n in manifest.tensors if n.split("/")[0] in ("unet", "ema", "vae")]
+    assert model_tensors and all("lora_" in n for n in model_tensors)
+    full = CheckpointStore(tiny_run / "checkpoints")
+    full_bytes = sum(e.nbytes for e in full.read_manifest(max(full.steps())).tensors.values())
+    new_bytes = {s.step: s.bytes_new for s in store.list()}[6]
+    assert new_bytes <= 0.02 * full_bytes, (new_bytes, full_bytes)
+    listing = run_cli("ckpt", "list", str(run_dir))
+    assert listing.returncode == 0, listing.stderr
+
+
+@pytest.mark.slow
+def test_export_and_generate_take_the_best_checkpoint_not_the_last(early_stopped, tmp_path):
+    run_dir, _ = early_stopped
+    exported = run_cli("ckpt", "export", str(run_dir), "--format", "diffusers", "--out", str(tmp_path / "model"))
+    assert exported.returncode == 0, exported.stderr
+    assert "from step 2, the best" in exported.stdout
+    images = run_cli("generate", str(run_dir), "a handwritten digit one", "--steps", "2", "--out", str(tmp_path / "g"))
+    assert images.returncode == 0, images.stderr
+    assert list((tmp_path / "g").glob("*.png"))
+
+
+def final_hashes(run_dir, step):
+    manifest = CheckpointStore(run_dir / "checkpoints").read_manifest(step)
+    return {name: entry.chunks for name, entry in manifest.tensors.items()}
+
+
+@pytest.mark.slow
+def test_a_lora_run_sigkilled_at_random_moments_resumes_bitwise(tiny_run, tmp_path):
+    args = finetune_args(tiny_run, "--set", "train.max_steps=30", "--set", "checkpoint.every_steps=1")
+    straight = run_cli(*args, "--run-dir", str(tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stderr
+    run_dir, rng, kills = tmp_path / "killed", random.Random(7), 0
+    while kills < 3:
+        proc = subprocess.Popen([sys.executable, "-m", "stablediff", *args, "--run-dir", str(run_dir)], cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        time.sleep(rng.uniform(6.0, 14.0))
+        if proc.poll() is not None:
+            break
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+        kills += 1
+    result = run_cli(*args, "--run-dir", str(run_dir))
+    assert result.returncode == 0, result.stderr
+    assert kills >= 1
+    assert final_hashes(run_dir, 30) == final_hashes(tmp_path / "straight", 30)
+
+
+@pytest.mark.parametrize("setting, words", [
+    ("finetune.freeze=[\"nothing_like_this.*\"]", "matches no trainable parameter"),
+    ("finetune.lora.targets=[\"to_nowhere\"]", "no Linear or Conv2d layer"),
+    ("train.prediction_type=v_prediction", "contradicts the base"),
+])
+def test_bad_fine_tune_settings_exit_1_in_one_paragraph_and_write_nothing(tiny_run, tmp_path, setting, words):
+    run_dir = tmp_path / "run"
+    result = run_cli(*finetune_args(tiny_run, "--set", setting), "--run-dir", str(run_dir))
+    assert result.returncode == 1, result.stderr
+    assert words in result.stderr and "Traceback" not in result.stderr
+    assert not run_dir.exists()
+
+
+def test_a_base_of_another_architecture_is_refused_before_anything_is_written(tmp_path):
+    folder = tmp_path / "sdxl"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    result = run_cli(*finetune_args(folder), "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == 1
+    assert "StableDiffusionXLPipeline" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_missing_base_is_named(tmp_path):
+    result = run_cli(*finetune_args(tmp_path / "nowhere.safetensors"), "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == 1
+    assert "nowhere.safetensors does not exist" in result.stderr
+    assert not (tmp_path / "run").exists()
