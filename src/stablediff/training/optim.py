@@ -13,6 +13,8 @@ and a resumed run is bitwise equal to an uninterrupted one on a CPU.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import re
 from collections.abc import Callable, Sequence
@@ -81,17 +83,18 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, where: s
     optimizer or other parameter groups (torch would raise a bare ValueError, or fail mid-step)."""
     saved, fresh = state["param_groups"], optimizer.param_groups
     saved_sizes, fresh_sizes = [len(g["params"]) for g in saved], [len(g["params"]) for g in fresh]
-    saved_keys = {key for g in saved for key in g} - {"params"}
-    fresh_keys = {key for g in fresh for key in g} - {"params"}
-    if saved_sizes != fresh_sizes or saved_keys != fresh_keys:
+    # Optimizers add settings to their groups as they step (Prodigy), never drop them: a saved state
+    # lacking one of ours is another optimizer's.
+    missing = sorted({key for g in fresh for key in g} - {key for g in saved for key in g})
+    if saved_sizes != fresh_sizes or missing:
+        lacking = f", and its settings lack {missing}" if missing else ""
         raise ConfigError(
-            f"{where} holds optimizer state for parameter groups of sizes {saved_sizes} (settings "
-            f"{sorted(saved_keys)}), but this run's optimizer has groups of sizes {fresh_sizes} (settings "
-            f"{sorted(fresh_keys)}): it was written with another train.optimizer, other trainable "
-            "parameters, or by a stablediff from before train.decay_norms_and_biases (then every weight "
-            "decayed, in one group: resume it with --set train.decay_norms_and_biases=true "
-            "--allow-config-change). Resume with the settings it was written with, or start afresh "
-            "in a new run directory")
+            f"{where} holds optimizer state for parameter groups of sizes {saved_sizes}{lacking}, but this "
+            f"run's {type(optimizer).__name__} has groups of sizes {fresh_sizes}: it was written with another "
+            "train.optimizer, other trainable parameters, or by a stablediff from before "
+            "train.decay_norms_and_biases (then every weight decayed, in one group: resume it with "
+            "--set train.decay_norms_and_biases=true --allow-config-change). Resume with the settings it "
+            "was written with, or start afresh in a new run directory")
     optimizer.load_state_dict(state)
 
 
@@ -147,8 +150,9 @@ def _prodigy(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
         raise ConfigError(f"train.optimizer 'prodigy' uses one learning rate for all the trained parts, but "
                           f"they have {rates}: drop the separate learning rate (e.g. "
                           "finetune.text_encoder.learning_rate), or choose another optimizer")
-    return Prodigy(groups, lr=cfg.learning_rate, betas=_betas(cfg), eps=cfg.adam_epsilon,
-                   weight_decay=cfg.weight_decay)
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints "Using decoupled weight decay" each time
+        return Prodigy(groups, lr=cfg.learning_rate, betas=_betas(cfg), eps=cfg.adam_epsilon,
+                       weight_decay=cfg.weight_decay)
 
 
 def _rmsprop(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
