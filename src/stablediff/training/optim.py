@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 import re
 from collections.abc import Callable, Sequence
 
@@ -114,18 +113,13 @@ def _adamw(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
 
 def _adamw8bit(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
     """bitsandbytes' blockwise 8-bit AdamW (tensors under 4,096 values keep 32-bit state)."""
-    bitsandbytes_logger = logging.getLogger("bitsandbytes")
-    level = bitsandbytes_logger.level
-    bitsandbytes_logger.setLevel(logging.ERROR)  # its import warns about 4-bit CPU kernels we never use
-    try:
+    try:  # its import's warning about 4-bit CPU kernels is silenced in stablediff/__init__.py
         import bitsandbytes
     except (ImportError, OSError, RuntimeError) as error:
         raise ConfigError(
             f"train.optimizer 'adamw8bit' needs the bitsandbytes package, which does not import here "
             f"({error}). Install it with `pip install bitsandbytes` (a CUDA GPU, or a CPU with a "
             "recent bitsandbytes), or choose train.optimizer 'adamw'") from error
-    finally:
-        bitsandbytes_logger.setLevel(level)
     return bitsandbytes.optim.AdamW8bit(groups, lr=cfg.learning_rate, betas=_betas(cfg), eps=cfg.adam_epsilon,
                                         weight_decay=cfg.weight_decay)
 
