@@ -2,6 +2,12 @@
 
 from stablediff.version import __version__
 
+import logging as _logging
+
+# diffusers imports bitsandbytes (a dependency, for train.optimizer adamw8bit) whenever it loads a model;
+# on CPUs with AVX512-BF16 that import warns about a 4-bit matmul kernel package we never use.
+_logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
+
 # The inference API imports torch and diffusers; `import stablediff` stays light and loads it on first use.
 _LAZY = {"load_pipeline": "stablediff.inference.api", "save_png": "stablediff.inference.api",
          "release_pipeline": "stablediff.inference.api"}

@@ -21,7 +21,7 @@ VAE_CHECKPOINT_STEP = 0  # stage 1 is saved as step 0 and replaced by each newer
 VAE = "vae"  # the autoencoder (frozen after stage 1: costs no bytes after the first save)
 UNET = "unet"  # the UNet being trained (its LoRA adapters, when it has them: names with `lora_`)
 EMA = "ema"  # the UNet's moving average
-OPTIM = "optim"  # AdamW's per-parameter state of stage 2: optim/<param index>/<key>
+OPTIM = "optim"  # the optimizer's per-parameter tensors of stage 2: optim/<param index>/<key>[/<key>]
 VAE_OPTIM = "vae_optim"  # the same for stage 1
 RNG = "rng"  # the global generators' states: rng/torch, rng/numpy, rng/cuda/<device>
 RNG_RANK = "rng_rank"  # other ranks' generators under torchrun: rng_rank/<rank>/...
@@ -34,6 +34,9 @@ CONFIG = "config"  # the resolved RunConfig, as JSON
 FINGERPRINTS = "fingerprints"  # code, data and text-encoder fingerprints
 RNG_META = "rng"  # python's and numpy's generator state (the tensors hold the rest)
 OPTIMIZER_PARAM_GROUPS = "optimizer_param_groups"
+# Per-parameter optimizer state that is a Python number, not a tensor ({"<param index>/<key>": value}:
+# Adafactor's, Prodigy's and bitsandbytes' step counts); absent when there is none (torch's optimizers).
+OPTIMIZER_SCALARS = "optimizer_scalars"
 VAE_REPORT = "vae_report"  # a finished stage 1's report
 VAE_SCALING_FACTOR = "vae_scaling_factor"
 LORA_CONFIG = "lora_config"  # the peft LoraConfig as a dict: rank, alpha, target modules
@@ -41,7 +44,7 @@ FINETUNE_BASE = "finetune_base"  # a fine-tune's base: kind, path, name, step, s
 TRAINING_STARTED_AT = "training_started_at"  # unix time of the run's first start (LoRA metadata reports it)
 EARLY_STOPPING = "early_stopping"  # the early-stopping tracker's state (training/early_stop.py)
 # Meta that `ckpt info` leaves out: large, and read by the trainer rather than by people.
-BULKY_META = (CONFIG, RNG_META, OPTIMIZER_PARAM_GROUPS)
+BULKY_META = (CONFIG, RNG_META, OPTIMIZER_PARAM_GROUPS, OPTIMIZER_SCALARS)
 
 # -- the best checkpoint -----------------------------------------------------------------------
 BEST_METRIC = "val_loss"  # what retention's keep_best and `--best` rank checkpoints by (lower is better)

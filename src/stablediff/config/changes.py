@@ -39,7 +39,8 @@ RULES: dict[str, str] = {
     "train.gradient_accumulation_steps": "data order",
     **{f"train.{key}": "optimizer" for key in (
         "learning_rate", "warmup_steps", "lr_schedule", "weight_decay", "grad_clip",
-        "ema_decay", "ema_half_life_images", "ema_warmup")},
+        "ema_decay", "ema_half_life_images", "ema_warmup", "optimizer", "decay_norms_and_biases",
+        "adam_beta1", "adam_beta2", "adam_epsilon", "momentum", "nesterov")},
     **{f"train.{key}": SAFE for key in (
         "max_steps", "mixed_precision", "gradient_checkpointing", "compile", "channels_last", "device",
         "validate_every", "validation_timesteps", "tensorboard", "log_every", "threads")},

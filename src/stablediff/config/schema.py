@@ -167,6 +167,14 @@ class TrainConfig(Section):
     warmup_steps: int = Field(100, ge=0)
     lr_schedule: Literal["constant", "cosine", "linear"] = "cosine"
     weight_decay: float = Field(0.01, ge=0)
+    optimizer: Literal["adamw", "adamw8bit", "adafactor", "prodigy", "rmsprop", "sgd"] = Field(
+        "adamw", description="training/optim.py; prodigy wants learning_rate 1.0 (it finds the step size)")
+    decay_norms_and_biases: bool = Field(False, description="weight decay also on biases, norms and embeddings")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="adamw, adamw8bit, prodigy")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="adamw, adamw8bit, prodigy")
+    adam_epsilon: float = Field(1e-8, gt=0, description="adamw, adamw8bit, prodigy")
+    momentum: float | None = Field(None, ge=0, lt=1, description="sgd (default 0.9) and rmsprop (default 0)")
+    nesterov: bool = Field(False, description="Nesterov momentum for sgd")
     grad_clip: float | None = Field(1.0, gt=0)
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
@@ -193,6 +201,16 @@ class TrainConfig(Section):
     tensorboard: bool = Field(True, description="also write TensorBoard events to RUN_DIR/tb")
     log_every: int = Field(25, ge=1)
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
+
+    @model_validator(mode="after")
+    def _optimizer_keys_fit_optimizer(self) -> "TrainConfig":
+        if self.momentum is not None and self.optimizer not in ("sgd", "rmsprop"):
+            raise ValueError(f"train.momentum applies to train.optimizer sgd or rmsprop, not "
+                             f"{self.optimizer!r}: remove it, or choose one of those")
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
+            raise ValueError("train.nesterov needs train.optimizer: sgd with train.momentum above 0 "
+                             "(the default 0.9 will do)")
+        return self
 
 
 class GuardConfig(Section):

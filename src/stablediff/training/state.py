@@ -7,11 +7,13 @@ Stage 2 ("unet"), one checkpoint per UNet step. Tensors (flat names, stored as
 content-addressed chunks):
   vae/*            the autoencoder (frozen after stage 1: costs no bytes after the first save)
   unet/*, ema/*    the UNet and its moving average
-  optim/<i>/<key>  AdamW's per-parameter state (exp_avg, exp_avg_sq, step)
+  optim/<i>/<key>  the optimizer's per-parameter tensors (AdamW: exp_avg, exp_avg_sq, step; a nested
+                   dict of state, as bitsandbytes keeps, adds a level: optim/<i>/<key>/<key>)
   rng/torch, rng/numpy, rng/cuda/<d>  the global generators' states
 JSON meta: stage, step and image counters, data-order position, optimizer param
-groups, LR-schedule state, python's RNG state, the resolved config, the VAE
-report and the code/data fingerprints. Everything else in a run is a pure
+groups and per-parameter numbers that are not tensors (optimizer_scalars),
+LR-schedule state, python's RNG state, the resolved config, the VAE report and
+the code/data fingerprints. Everything else in a run is a pure
 function of these (per-step randomness is seeded by (seed, step, rank)).
 
 Stage 1 ("vae") comes before UNet step 0, so its checkpoints are stored as step
@@ -35,6 +37,7 @@ import torch
 
 from stablediff import run_schema as schema
 from stablediff.models.adapters import load_trained, trained_tensors
+from stablediff.training.optim import load_optimizer_state
 from stablediff.version import __version__
 
 _PACKAGE_DIR = Path(__file__).resolve().parents[1]  # src/stablediff: git runs there
@@ -56,8 +59,8 @@ def capture(state, vae: torch.nn.Module | None, config_dump: dict, fingerprints:
         unet, ema = ({k: v for k, v in sd.items() if k in names} for sd in (unet, ema))
     tensors.update(schema.prefixed(schema.UNET, unet))
     tensors.update(schema.prefixed(schema.EMA, ema))
-    optim = state.optimizer.state_dict()
-    tensors.update(_optimizer_tensors(schema.OPTIM, optim))
+    optim_tensors, optim_meta = optimizer_snapshot(schema.OPTIM, state.optimizer)
+    tensors.update(optim_tensors)
     rng_tensors, rng_meta = local_rng()
     tensors.update(schema.prefixed(schema.RNG, rng_tensors))
     for rank, (ranked_tensors, ranked_meta) in enumerate(other_ranks_rng, start=1):
@@ -68,7 +71,7 @@ def capture(state, vae: torch.nn.Module | None, config_dump: dict, fingerprints:
         schema.STEP: state.step,
         "images_seen": state.images_seen,
         "sampler": state.order.state_dict(),  # the data order; key spelled "sampler" so old checkpoints resume
-        schema.OPTIMIZER_PARAM_GROUPS: optim["param_groups"],
+        **optim_meta,
         "lr_scheduler": _plain(state.lr_scheduler.state_dict()),
         schema.RNG_META: rng_meta,
         "grad_scaler": _plain(state.precision.state_dict()),
@@ -117,7 +120,7 @@ def restore(state, tensors: dict[str, torch.Tensor], meta: dict, rank: int = 0) 
     else:
         state.unet.load_state_dict(schema.unprefixed(schema.UNET, tensors))
         state.ema.load_state_dict(schema.unprefixed(schema.EMA, tensors))
-    state.optimizer.load_state_dict(_optimizer_state(schema.OPTIM, tensors, meta[schema.OPTIMIZER_PARAM_GROUPS]))
+    restore_optimizer(state.optimizer, schema.OPTIM, tensors, meta, f"the checkpoint of step {meta[schema.STEP]}")
     state.lr_scheduler.load_state_dict(meta["lr_scheduler"])
     state.order.load_state_dict(meta["sampler"])  # meta key "sampler" = the data order (old spelling, kept)
     state.step, state.images_seen = int(meta[schema.STEP]), int(meta["images_seen"])
@@ -155,9 +158,9 @@ def capture_vae(vae_state, config_dump: dict, fingerprints: dict, finished: dict
     meta = {schema.STAGE: schema.VAE_STAGE, schema.VAE_STEP: vae_state.step, "vae_loss": vae_state.last_loss,
             schema.RNG_META: rng_meta, schema.CONFIG: config_dump, schema.FINGERPRINTS: fingerprints}
     if finished is None:
-        optim = vae_state.optimizer.state_dict()
-        tensors.update(_optimizer_tensors(schema.VAE_OPTIM, optim))
-        meta[schema.OPTIMIZER_PARAM_GROUPS] = optim["param_groups"]
+        optim_tensors, optim_meta = optimizer_snapshot(schema.VAE_OPTIM, vae_state.optimizer)
+        tensors.update(optim_tensors)
+        meta.update(optim_meta)
     else:
         meta.update(finished)
     return tensors, meta
@@ -166,8 +169,7 @@ def capture_vae(vae_state, config_dump: dict, fingerprints: dict, finished: dict
 def restore_vae(vae_state, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     """Put an unfinished stage-1 checkpoint back into a freshly built `VAETrainState`."""
     vae_state.vae.load_state_dict(schema.unprefixed(schema.VAE, tensors))
-    vae_state.optimizer.load_state_dict(_optimizer_state(schema.VAE_OPTIM, tensors,
-                                                         meta[schema.OPTIMIZER_PARAM_GROUPS]))
+    restore_optimizer(vae_state.optimizer, schema.VAE_OPTIM, tensors, meta, "the stage-1 checkpoint")
     vae_state.step, vae_state.last_loss = int(meta[schema.VAE_STEP]), float(meta["vae_loss"])
     restore_local_rng(schema.unprefixed(schema.RNG, tensors), meta[schema.RNG_META])
 
@@ -181,19 +183,48 @@ def resume_message(loaded) -> str:
     return f"resumed stage 1 (autoencoder) from its step {meta[schema.VAE_STEP]}"
 
 
-def _optimizer_tensors(prefix: str, optim: dict) -> dict[str, torch.Tensor]:
-    """`<prefix>/<param index>/<key>` for each per-parameter state entry (AdamW: exp_avg, exp_avg_sq, step)."""
-    return {f"{prefix}/{index}/{key}": value if torch.is_tensor(value) else torch.tensor(value)
-            for index, per_param in optim["state"].items() for key, value in per_param.items()}
+def optimizer_snapshot(prefix: str, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, meta) of an optimizer's state; tensors are views, not copies.
+
+    Each per-parameter tensor is `<prefix>/<param index>/<key>` (a nested dict of state adds
+    `/<key>` levels); the per-parameter values that are Python numbers (Adafactor's, Prodigy's and
+    bitsandbytes' step counts) go into meta as they are, so they come back as numbers, not tensors.
+    """
+    optim = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for index, per_param in optim["state"].items():
+        _flatten_state(str(index), per_param, tensors, scalars)
+    meta: dict[str, Any] = {schema.OPTIMIZER_PARAM_GROUPS: optim["param_groups"]}
+    if scalars:  # absent for torch's optimizers, as in checkpoints from before it existed
+        meta[schema.OPTIMIZER_SCALARS] = scalars
+    return schema.prefixed(prefix, tensors), meta
 
 
-def _optimizer_state(prefix: str, tensors: dict[str, torch.Tensor], param_groups: list) -> dict:
-    state: dict[int, dict[str, Any]] = {}
-    for name, value in tensors.items():
-        if name.startswith(prefix + "/"):
-            _, index, key = name.split("/", 2)
-            state.setdefault(int(index), {})[key] = value
-    return {"state": state, "param_groups": param_groups}
+def restore_optimizer(optimizer: torch.optim.Optimizer, prefix: str, tensors: dict[str, torch.Tensor],
+                      meta: dict, where: str = "the checkpoint") -> None:
+    """Put `optimizer_snapshot`'s (tensors, meta) back into a freshly built optimizer of the same kind."""
+    state: dict[str, Any] = {}
+    entries = {**schema.unprefixed(prefix, tensors), **(meta.get(schema.OPTIMIZER_SCALARS) or {})}
+    for name, value in entries.items():
+        *path, key = name.split("/")
+        node = state
+        for part in path:
+            node = node.setdefault(part, {})
+        node[key] = value
+    per_param = {int(index): values for index, values in state.items()}
+    load_optimizer_state(optimizer, {"state": per_param, "param_groups": meta[schema.OPTIMIZER_PARAM_GROUPS]},
+                         where)
+
+
+def _flatten_state(name: str, value: Any, tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> None:
+    if isinstance(value, dict):
+        for key, entry in value.items():
+            _flatten_state(f"{name}/{key}", entry, tensors, scalars)
+    elif torch.is_tensor(value):
+        tensors[name] = value
+    else:
+        scalars[name] = _plain(value)
 
 
 def code_fingerprint() -> str:

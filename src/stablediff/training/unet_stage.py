@@ -27,7 +27,8 @@ from stablediff.training.encoded_dataset import EncodedDataset
 from stablediff.training.lr_schedule import lr_multiplier
 from stablediff.training.distributed import mean_over_ranks
 from stablediff.training.guard import DivergenceGuard
-from stablediff.training.precision import Precision, make_optimizer, prepare_unet
+from stablediff.training.optim import make_optimizer
+from stablediff.training.precision import Precision, prepare_unet
 from stablediff.training.step import StepBatch, accumulate_gradients, draw_noise, grad_norm_and_clip
 from stablediff.training.progress import StepProgress
 
@@ -82,7 +83,7 @@ def make_train_state(unet: UNet2DConditionModel, cfg: TrainConfig, num_samples: 
                      guard_cfg: GuardConfig | None = None, bucket_ids: list[int] | None = None) -> UNetTrainState:
     device = device or torch.device("cpu")
     prepare_unet(unet, device, cfg.gradient_checkpointing, cfg.channels_last)
-    optimizer = make_optimizer(unet.parameters(), cfg.learning_rate, cfg.weight_decay)
+    optimizer = make_optimizer([(unet, None)], cfg)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(step, cfg.warmup_steps, cfg.max_steps, cfg.lr_schedule))
     order = make_batch_order(num_samples, seed, world_size, rank, bucket_ids)  # bucket_ids: one bucket per batch
