@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 import click
-import numpy as np
 
 from stablediff.cli.locking import claim_run_stores, run_dir_locked
 from stablediff.cli.options import allow_config_change_option, config_options, resolve_run
@@ -40,17 +39,11 @@ def demo(run_dir, overrides, allow_config_change: bool) -> None:
 
 def digit_adherence(pipe, config):
     """Generate ADHERENCE_SAMPLES_PER_DIGIT images for each "a handwritten digit N" prompt and classify them."""
-    from stablediff.data.digits import NUMBER_WORDS
-    from stablediff.evaluation.adherence import adherence
-    from stablediff.inference.pipeline import images_to_array, txt2img
+    from stablediff.evaluation.adherence import generated_adherence
     from stablediff.training.interrupt import STOP
 
-    images, requested = [], []
-    for digit, word in enumerate(NUMBER_WORDS):
-        STOP.check("while checking prompt adherence", "the model is trained, checkpointed and exported")
-        batch = txt2img(pipe, f"a handwritten digit {word}", steps=config.sample.steps,
-                        guidance_scale=config.sample.guidance_scale, seed=ADHERENCE_SEED,
-                        num=ADHERENCE_SAMPLES_PER_DIGIT)
-        images += batch
-        requested += [digit] * len(batch)
-    return adherence(images_to_array(images), np.array(requested), config.data.resolution)
+    return generated_adherence(pipe, range(10), ADHERENCE_SAMPLES_PER_DIGIT, steps=config.sample.steps,
+                               guidance_scale=config.sample.guidance_scale, seed=ADHERENCE_SEED,
+                               resolution=config.data.resolution,
+                               stop=lambda: STOP.check("while checking prompt adherence",
+                                                       "the model is trained, checkpointed and exported"))

@@ -8,6 +8,7 @@ held-out split is the reference a perfect generator would reach.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -44,3 +45,21 @@ def adherence(images: np.ndarray, requested: np.ndarray, resolution: int = 32) -
     hits = predicted == requested
     per_digit = {int(d): float(hits[requested == d].mean()) for d in np.unique(requested)}
     return AdherenceReport(float(hits.mean()), reference_accuracy(resolution), per_digit, len(requested))
+
+
+def generated_adherence(pipe, digits: Iterable[int], per_digit: int, *, steps: int = 20, guidance_scale: float = 3.0,
+                        seed: int = 1000, resolution: int = 32,
+                        stop: Callable[[], None] | None = None) -> AdherenceReport:
+    """`per_digit` images of "a handwritten digit <word>" for each digit (seeds from `seed`), classified."""
+    from stablediff.data.digits import NUMBER_WORDS
+    from stablediff.inference.pipeline import images_to_array, txt2img
+
+    images, requested = [], []
+    for digit in digits:
+        if stop is not None:
+            stop()
+        batch = txt2img(pipe, f"a handwritten digit {NUMBER_WORDS[digit]}", steps=steps,
+                        guidance_scale=guidance_scale, seed=seed, num=per_digit)
+        images += batch
+        requested += [digit] * len(batch)
+    return adherence(images_to_array(images), np.array(requested), resolution)
