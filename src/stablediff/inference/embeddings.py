@@ -105,12 +105,12 @@ class _Loaded:
 
 def apply_embeddings(pipe, specs: list[EmbeddingSpec] | tuple[EmbeddingSpec, ...]) -> None:
     """Make exactly `specs` the embeddings of `pipe` (a diffusers Stable Diffusion pipeline)."""
-    wanted = {spec.name: file_short_hash(spec.path) for spec in specs}
-    if len(wanted) < len(specs):
-        names = [spec.name for spec in specs]
-        twice = sorted({name for name in names if names.count(name) > 1})
-        raise GenerationError(f"two embeddings are named {twice[0]!r} (a prompt word is its file's name); rename "
-                              "one of the files")
+    hashes = [(spec.name, file_short_hash(spec.path)) for spec in specs]
+    wanted = dict(hashes)  # the same file twice is loaded once
+    clash = next((name for name, hash_ in hashes if wanted[name] != hash_), None)
+    if clash is not None:
+        raise GenerationError(f"two different embedding files are named {clash!r} (a prompt word is its file's "
+                              "name); rename one of them")
     state: _Loaded | None = getattr(pipe, _STATE_ATTRIBUTE, None)
     if state is not None and state.hashes == wanted:
         return
