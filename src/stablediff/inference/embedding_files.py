@@ -22,12 +22,14 @@ ComfyUI (`ink-style.safetensors` -> `ink-style`), whatever key the file stores.
 from __future__ import annotations
 
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from stablediff.errors import MissingPathError, ModelFileError
 from stablediff.io.atomic import replace_atomic
 from stablediff.io.pickle_guard import refuse_pickle
+
+if TYPE_CHECKING:  # torch loads on first use: `import stablediff` and the CLI's start stay light
+    import torch
 
 EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
 
@@ -43,6 +45,7 @@ def save_embedding(path: str | Path, token: str, vectors: torch.Tensor,
 
     Name the file after the token (`<dir>/<token>.safetensors`): A1111, ComfyUI and
     `stablediff generate --embedding` use the file name stem as the prompt word."""
+    import torch
     from safetensors.torch import save
 
     path = Path(path)
@@ -68,6 +71,8 @@ def check_embedding_path(path: Path, trust_pickle: bool = False) -> Path:
 
 def read_embedding(path: str | Path, trust_pickle: bool = False) -> tuple[str, torch.Tensor]:
     """(prompt word = file name stem, float32 (num_vectors, width) vectors) of an embedding file."""
+    import torch
+
     path = check_embedding_path(Path(path), trust_pickle)
     kind = refuse_pickle(path, trust_pickle)
     data = _read_pickle(path) if kind != "safetensors" else _read_safetensors(path)
@@ -91,6 +96,8 @@ def _read_safetensors(path: Path) -> dict:
 
 
 def _read_pickle(path: Path) -> object:
+    import torch
+
     try:  # trusted by the user, and still no code runs: weights_only reads tensors and plain containers
         with open(path, "rb") as f:
             return torch.load(f, map_location="cpu", weights_only=True)
@@ -101,6 +108,8 @@ def _read_pickle(path: Path) -> object:
 
 def _vectors_of(data: object, path: Path) -> torch.Tensor:
     """The one tensor of a file in any of the layouts in the module docstring."""
+    import torch
+
     if torch.is_tensor(data):
         return data
     if not isinstance(data, dict):

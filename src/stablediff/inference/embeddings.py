@@ -24,12 +24,14 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from stablediff.errors import GenerationError
 from stablediff.inference.embedding_files import check_embedding_path, embedding_name, read_embedding
 from stablediff.inference.metadata import file_short_hash
+
+if TYPE_CHECKING:  # torch loads on first use, as for the rest of the inference API
+    import torch
 
 # The pipeline attribute holding what `apply_embeddings` changed (and how to undo it).
 _STATE_ATTRIBUTE = "_stablediff_embeddings"
@@ -71,6 +73,7 @@ def new_token_problem(tokenizer, token: str) -> str | None:
 def add_token_vectors(tokenizer, text_encoder, token: str, vectors: torch.Tensor) -> list[int]:
     """Add `token_names(token, n)` to the tokenizer and their rows `vectors` (n, width) to the encoder's
     input embeddings, leaving every existing row bitwise as it was; returns the new token ids."""
+    import torch
     from tokenizers import AddedToken
 
     embedding = text_encoder.get_input_embeddings()
