@@ -77,6 +77,7 @@ class GenerationOptions:
     strength: float | None
     mask: Path | None
     loras: tuple[str, ...]  # "PATH[:SCALE]"
+    embeddings: tuple[str, ...]  # textual-inversion files
 
     def check_inputs(self) -> None:
         if self.mask is not None and self.init_image is None:
@@ -84,14 +85,16 @@ class GenerationOptions:
         if self.strength is not None and self.init_image is None:
             raise click.UsageError("--strength applies to img2img and inpainting; give --init IMG")
 
-    def request(self, prompt: str):
+    def request(self, prompt: str, trust_pickle: bool = False):
+        from stablediff.inference.embeddings import parse_embedding_arg
         from stablediff.inference.lora import parse_lora_arg
         from stablediff.inference.request import GenerationRequest
 
         return GenerationRequest(prompt, negative_prompt=self.negative, steps=self.steps, sampler=self.sampler,
                                  guidance_scale=self.guidance, seed=self.seed, num=self.num,
                                  size=parse_size(self.size), strength=self.strength,
-                                 loras=tuple(parse_lora_arg(text) for text in self.loras))
+                                 loras=tuple(parse_lora_arg(text) for text in self.loras),
+                                 embeddings=tuple(parse_embedding_arg(text, trust_pickle) for text in self.embeddings))
 
 
 GENERATION_OPTIONS = (
@@ -110,6 +113,8 @@ GENERATION_OPTIONS = (
     click.option("--mask", type=click.Path(path_type=Path), default=None,
                  help="Inpaint: white = redraw, black = keep (needs --init)."),
     click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]", help="A LoRA to apply (repeatable)."),
+    click.option("--embedding", "embeddings", multiple=True, metavar="FILE",
+                 help="A textual-inversion embedding (repeatable); its file name stem is the prompt word."),
 )
 
 
@@ -188,7 +193,7 @@ def generate(model, prompt, options: GenerationOptions, step, best, from_png, ou
     if model is None or prompt is None:
         raise click.UsageError("give MODEL and PROMPT (or --from-png IMG, or --list-samplers)")
     options.check_inputs()
-    request = options.request(prompt)
+    request = options.request(prompt, trust_pickle)
     if options.init_image is not None and not options.init_image.is_file():
         raise UserError(f"init image {options.init_image} does not exist; give the path of a PNG or JPEG image")
     output.check()
@@ -218,13 +223,16 @@ def run_request(loaded, request, init_image, mask) -> list:
 
 def regenerate(png: Path, model, options: GenerationOptions, step, best, output: ImageOutput,
                trust_pickle: bool) -> None:
-    """Make the image in `png` again; MODEL, --lora, --init, --mask override where its metadata says they were."""
+    """Make the image in `png` again; MODEL, --lora, --embedding, --init, --mask override where its metadata says
+    they were."""
     from stablediff.inference.lora import parse_lora_arg
     from stablediff.inference.recreate import plan_recreation
 
     # A scale given with --lora is ignored here: the image's own LoRA weights are what re-create it.
     lora_paths = tuple(parse_lora_arg(text).path for text in options.loras)
-    plan = plan_recreation(png, model, lora_paths, options.init_image, options.mask, step, best)
+    plan = plan_recreation(png, model, lora_paths, options.init_image, options.mask, step, best,
+                           embedding_paths=tuple(Path(text).expanduser() for text in options.embeddings),
+                           trust_pickle=trust_pickle)
     loaded = load_model(plan.model, plan.step, plan.best, trust_pickle)
     if plan.model_hash and plan.model_hash != loaded.model_hash:
         click.secho(f"warning: {png} was made with model hash {plan.model_hash}, {plan.model} has "

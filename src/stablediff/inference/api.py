@@ -22,6 +22,7 @@ from pathlib import Path
 from PIL import Image
 
 from stablediff.errors import GenerationError
+from stablediff.inference.embeddings import EmbeddingSpec, parse_embedding_arg
 from stablediff.inference.lora import LoraSpec, parse_lora_arg
 from stablediff.inference.metadata import (LOCATIONS_KEY, PARAMETERS_KEY, file_short_hash, locations_relative_to,
                                           png_info)
@@ -33,7 +34,8 @@ DEFAULT_STRENGTH = 0.75  # A1111's default denoising strength
 
 
 class ImagePipeline:
-    """A loaded model. Calls are serialized: sampler and LoRAs are set on the shared modules per call."""
+    """A loaded model. Calls are serialized: sampler, LoRAs and embeddings are set on the shared modules per
+    call."""
 
     def __init__(self, pipe, source: ModelSource, hash_: str):
         self.pipe = pipe  # the diffusers StableDiffusionPipeline
@@ -47,7 +49,8 @@ class ImagePipeline:
         return self.source.name
 
     def txt2img(self, prompt: str, **options) -> list[Image.Image]:
-        """Options: negative_prompt, steps, sampler, guidance_scale, seed, num, size=(w, h), loras."""
+        """Options: negative_prompt, steps, sampler, guidance_scale, seed, num, size=(w, h), loras, embeddings
+        (embedding files, or EmbeddingSpec(path, trust_pickle=True) for a .pt/.bin one)."""
         return self.generate(_request(prompt, options))
 
     def img2img(self, prompt: str, init_image, strength: float = DEFAULT_STRENGTH, **options) -> list[Image.Image]:
@@ -60,11 +63,16 @@ class ImagePipeline:
         return self.generate(_request(prompt, {**options, "strength": strength}), init_image=init_image, mask=mask)
 
     def prompt_warnings(self, request: GenerationRequest) -> list[str]:
-        """What of the prompt and negative prompt the text encoder will not read (see `prompts`)."""
+        """What of the prompt and negative prompt the text encoder will not read (see `prompts`), with the
+        request's embeddings loaded (a multi-vector one takes several tokens)."""
+        from stablediff.inference.embeddings import apply_embeddings
         from stablediff.inference.prompts import truncation_message
 
-        found = (truncation_message(self.pipe.tokenizer, text, what)
-                 for text, what in ((request.prompt, "prompt"), (request.negative_prompt, "negative prompt")))
+        with self._lock:
+            apply_embeddings(self.pipe, request.embeddings)
+            texts = [(self.pipe.maybe_convert_prompt(text, self.pipe.tokenizer) if text else text, what)
+                     for text, what in ((request.prompt, "prompt"), (request.negative_prompt, "negative prompt"))]
+            found = [truncation_message(self.pipe.tokenizer, text, what) for text, what in texts]
         return [message for message in found if message]
 
     def generate(self, request: GenerationRequest, init_image=None, mask=None) -> list[Image.Image]:
@@ -72,6 +80,7 @@ class ImagePipeline:
         from stablediff.inference import pipeline as sd
         from stablediff.data.transforms import to_rgb
         from stablediff.inference.images import open_init_image, open_mask
+        from stablediff.inference.embeddings import apply_embeddings
         from stablediff.inference.lora import apply_loras
         from stablediff.inference.schedulers import make_scheduler
 
@@ -93,6 +102,7 @@ class ImagePipeline:
             if init is not None and init.size != size:
                 init = init.resize(size, Image.LANCZOS)
             apply_loras(self.pipe, list(request.loras))
+            apply_embeddings(self.pipe, request.embeddings)
             self.pipe.scheduler = make_scheduler(request.sampler, self._scheduler_config, request.steps)
             common = dict(negative_prompt=request.negative_prompt, steps=request.steps,
                           guidance_scale=request.guidance_scale, seed=request.seed, num=request.num)
@@ -106,14 +116,18 @@ class ImagePipeline:
 
     def _annotate(self, images, request, size, init_image, mask) -> list[Image.Image]:
         lora_hashes = {spec.name: file_short_hash(spec.path) for spec in request.loras}
+        embedding_hashes = {spec.name: file_short_hash(spec.path) for spec in request.embeddings}
         locations = {"model": str(self.source.path), "step": self.source.step, "best": self.source.best,
                      "loras": {spec.name: str(spec.path) for spec in request.loras}}
+        if request.embeddings:
+            locations["embeddings"] = {spec.name: str(spec.path) for spec in request.embeddings}
         for key, value in (("init", init_image), ("mask", mask)):
             if value is not None and _is_path(value):
                 locations[key] = str(Path(value).resolve())
         for index, image in enumerate(images):
             single = request.for_image(index, size)
-            image.info[PARAMETERS_KEY] = infotext_for(single, self.name, self.model_hash, lora_hashes)
+            image.info[PARAMETERS_KEY] = infotext_for(single, self.name, self.model_hash, lora_hashes,
+                                                      embedding_hashes)
             image.info[LOCATIONS_KEY] = json.dumps(locations, sort_keys=True)
         return images
 
@@ -124,12 +138,13 @@ def _is_path(value) -> bool:
 
 def _request(prompt: str, options: dict) -> GenerationRequest:
     loras = tuple(_lora_spec(item) for item in options.pop("loras", ()) or ())
+    embeddings = tuple(_embedding_spec(item) for item in options.pop("embeddings", ()) or ())
     unknown = set(options) - set(GenerationRequest.__dataclass_fields__)
     if unknown:
         raise TypeError(f"unknown option(s) {sorted(unknown)}; options are negative_prompt, steps, sampler, "
-                        "guidance_scale, seed, num, size, loras")
+                        "guidance_scale, seed, num, size, loras, embeddings")
     size = options.get("size")
-    return GenerationRequest(prompt=prompt, loras=loras, **{**options, "size": tuple(size) if size else None})
+    return GenerationRequest(prompt=prompt, loras=loras, embeddings=embeddings, **{**options, "size": tuple(size) if size else None})
 
 
 def _lora_spec(item) -> LoraSpec:
@@ -139,6 +154,11 @@ def _lora_spec(item) -> LoraSpec:
     if isinstance(item, (tuple, list)):
         return LoraSpec(parse_lora_arg(str(item[0])).path, float(item[1]))
     return parse_lora_arg(str(item))
+
+
+def _embedding_spec(item) -> EmbeddingSpec:
+    """An EmbeddingSpec, or the path of a file (a pickle .pt/.bin one only as EmbeddingSpec(path, True))."""
+    return item if isinstance(item, EmbeddingSpec) else parse_embedding_arg(str(item))
 
 
 def save_png(image: Image.Image, path: str | Path, embed_paths: bool = False) -> Path:

@@ -116,13 +116,14 @@ def read_png_metadata(path: Path) -> tuple[Infotext, dict]:
 
 
 def _map_paths(locations: dict, change) -> dict:
-    """`locations` with `change` applied to each path in it (model, init, mask and every LoRA)."""
+    """`locations` with `change` applied to each path in it (model, init, mask, every LoRA and embedding)."""
     mapped = dict(locations)
     for key in ("model", "init", "mask"):
         if isinstance(mapped.get(key), str):
             mapped[key] = change(mapped[key])
-    if isinstance(mapped.get("loras"), dict):
-        mapped["loras"] = {name: change(p) if isinstance(p, str) else p for name, p in mapped["loras"].items()}
+    for key in ("loras", "embeddings"):
+        if isinstance(mapped.get(key), dict):
+            mapped[key] = {name: change(p) if isinstance(p, str) else p for name, p in mapped[key].items()}
     return mapped
 
 

@@ -2,7 +2,8 @@
 
 One image's infotext holds everything that decides its pixels (prompt,
 negative prompt, steps, sampler, CFG scale, its own seed, size, denoising
-strength, LoRA weights) plus which model and LoRA files made it (by hash),
+strength, LoRA weights) plus which model, LoRA and embedding files made it (by hash;
+embeddings as A1111's `TI hashes`),
 so `request_from_infotext` gives back a request that re-creates that image.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from stablediff.errors import GenerationError
+from stablediff.inference.embeddings import EmbeddingSpec
 from stablediff.inference.lora import LoraSpec
 from stablediff.inference.metadata import Infotext, infotext
 from stablediff.inference.schedulers import DEFAULT_SAMPLER, get_sampler, sampler_from_infotext
@@ -40,6 +42,7 @@ class GenerationRequest:
     size: tuple[int, int] | None = None  # (width, height); None: the model's own (or the init image's)
     strength: float | None = None  # img2img / inpainting only
     loras: tuple[LoraSpec, ...] = ()
+    embeddings: tuple[EmbeddingSpec, ...] = ()  # textual inversion; a prompt word is a file's name stem
 
     def __post_init__(self) -> None:
         get_sampler(self.sampler)  # an unknown name fails here, listing the valid ones
@@ -55,7 +58,7 @@ class GenerationRequest:
 
 
 def infotext_for(request: GenerationRequest, model_name: str, model_hash: str,
-                 lora_hashes: dict[str, str]) -> str:
+                 lora_hashes: dict[str, str], embedding_hashes: dict[str, str] | None = None) -> str:
     """A1111 infotext of a single-image request (see `GenerationRequest.for_image`)."""
     width, height = request.size
     params = {
@@ -66,11 +69,16 @@ def infotext_for(request: GenerationRequest, model_name: str, model_hash: str,
     if request.loras:
         params["Lora hashes"] = ", ".join(f"{spec.name}: {lora_hashes[spec.name]}" for spec in request.loras)
         params["Lora weights"] = ", ".join(f"{spec.name}: {spec.scale}" for spec in request.loras)
+    if request.embeddings:
+        params["TI hashes"] = ", ".join(f"{spec.name}: {(embedding_hashes or {})[spec.name]}"
+                                        for spec in request.embeddings)
     return infotext(request.prompt, request.negative_prompt, params)
 
 
-def request_from_infotext(info: Infotext, loras: tuple[LoraSpec, ...] = ()) -> GenerationRequest:
-    """The request an infotext describes; `loras` are the LoRA files it names (see `lora_names`)."""
+def request_from_infotext(info: Infotext, loras: tuple[LoraSpec, ...] = (),
+                          embeddings: tuple[EmbeddingSpec, ...] = ()) -> GenerationRequest:
+    """The request an infotext describes; `loras` and `embeddings` are the files it names (see
+    `lora_weights`, `embedding_hashes`)."""
     params = info.params
     try:
         width, height = (int(v) for v in params["Size"].lower().split("x"))
@@ -80,7 +88,7 @@ def request_from_infotext(info: Infotext, loras: tuple[LoraSpec, ...] = ()) -> G
             sampler=sampler_from_infotext(params.get("Sampler", DEFAULT_SAMPLER), params.get("Schedule type")),
             guidance_scale=float(params["CFG scale"]),
             seed=int(params["Seed"]), size=(width, height), strength=float(strength) if strength else None,
-            loras=loras,
+            loras=loras, embeddings=embeddings,
         )
     except (KeyError, ValueError) as exc:
         raise GenerationError(f"the image's parameters cannot be read back ({type(exc).__name__}: {exc}); they need "
@@ -92,6 +100,11 @@ def lora_weights(info: Infotext) -> dict[str, tuple[str, float]]:
     hashes = _name_values(info.params.get("Lora hashes", ""))
     scales = _name_values(info.params.get("Lora weights", ""))
     return {name: (hash_, float(scales.get(name, 1.0))) for name, hash_ in hashes.items()}
+
+
+def embedding_hashes(info: Infotext) -> dict[str, str]:
+    """name -> short hash of the embeddings an infotext names (A1111's `TI hashes`)."""
+    return _name_values(info.params.get("TI hashes", ""))
 
 
 def _name_values(text: str) -> dict[str, str]:

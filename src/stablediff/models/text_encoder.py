@@ -51,15 +51,20 @@ class TextEncoder:
     @torch.no_grad()
     def encode(self, captions: list[str], batch_size: int = 256) -> torch.Tensor:
         """(N, max_length, hidden) float32 token embeddings, as the diffusers pipeline computes them."""
-        chunks = []
-        for start in range(0, len(captions), batch_size):
-            tokens = self.tokenizer(
-                captions[start : start + batch_size], padding="max_length",
-                max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt",
-            )
-            mask = tokens.attention_mask if getattr(self.model.config, "use_attention_mask", False) else None
-            chunks.append(self.model(tokens.input_ids, attention_mask=mask)[0].float())
+        chunks = [encode_captions(self.tokenizer, self.model, captions[start : start + batch_size])
+                  for start in range(0, len(captions), batch_size)]
         return torch.cat(chunks)
+
+
+def encode_captions(tokenizer, model: torch.nn.Module, captions: list[str]) -> torch.Tensor:
+    """(N, max_length, hidden) float32 token embeddings of one batch, with autograd as the caller has it
+    (textual inversion trains through this; `TextEncoder.encode` runs it without gradients)."""
+    tokens = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                       return_tensors="pt")
+    mask = tokens.attention_mask if getattr(model.config, "use_attention_mask", False) else None
+    device = model.get_input_embeddings().weight.device
+    mask = mask.to(device) if mask is not None else None
+    return model(tokens.input_ids.to(device), attention_mask=mask)[0].float()
 
 
 def load_text_encoder(name: str = "minilm", max_length: int = 16, trust_pickle: bool = False) -> TextEncoder:
