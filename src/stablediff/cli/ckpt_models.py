@@ -67,9 +67,14 @@ def show_model_info(target: str, trust_pickle: bool) -> None:
     click.echo(json.dumps(model_info(Path(target), trust_pickle), indent=2, default=str))
 
 
+LORA_FORMATS = ("lora", "lora-diffusers")  # a fine-tune run's adapters (finetune/lora_files.py)
+
+
 @click.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["diffusers", "single-file", "lora"]), required=True)
+@click.option("--format", "fmt", type=click.Choice(["diffusers", "single-file", *LORA_FORMATS]), required=True,
+              help="lora: one kohya/A1111-layout file (A1111, ComfyUI, diffusers); lora-diffusers: a "
+                   "save_lora_weights folder.")
 @click.option("--step", type=click.IntRange(0), default=None, help="Which checkpoint (default: the newest).")
 @click.option("--best", is_flag=True, help="The checkpoint with the lowest val_loss.")
 @click.option("--ema/--no-ema", default=True, show_default=True, help="EMA weights or the raw trained weights.")
@@ -80,30 +85,47 @@ def show_model_info(target: str, trust_pickle: bool) -> None:
 def export(run_dir: Path, fmt: str, step, best: bool, ema: bool, out: Path | None, force: bool,
            trust_pickle: bool) -> None:
     """Write a run's checkpoint as a diffusers folder, an SD single file, or its LoRA adapters."""
-    from stablediff.models.atomic_output import save_pipeline_folder
-    from stablediff.models.run_export import load_run_checkpoint, pipeline_from_checkpoint, save_lora
+    from stablediff.models.run_export import load_run_checkpoint
 
-    loaded = load_run_checkpoint(run_dir, step, best)
-    source = f"{run_dir} step {loaded.step}"
+    if fmt in LORA_FORMATS:
+        from stablediff.finetune.lora_files import load_lora_checkpoint
+
+        loaded = load_lora_checkpoint(run_dir, step, best)
+    else:
+        loaded = load_run_checkpoint(run_dir, step, best)
     weights = "ema" if ema else "raw"
-    suffix = {"diffusers": "", "single-file": ".safetensors", "lora": "-lora.safetensors"}[fmt]
+    suffix = {"diffusers": "", "single-file": ".safetensors", "lora": "-lora.safetensors",
+              "lora-diffusers": "-lora-diffusers"}[fmt]
     out = out or run_dir / "export" / f"step-{loaded.step:06d}-{weights}{suffix}"
     check_out(out, force)
     for note in loaded.notes():
         click.echo(note, err=True)
-    if fmt == "lora":
-        save_lora(loaded, out, source)
-    else:
-        pipe = pipeline_from_checkpoint(loaded, ema, trust_pickle, source)
-        if fmt == "diffusers":
-            save_pipeline_folder(pipe, out, replace=force, step=loaded.step, weights=weights)
-        else:
-            from stablediff.models.single_file_pipeline import save_single_file
-
-            # the run's name, not its path: files are shared, and paths tell usernames and layouts
-            save_single_file(pipe, out, {"stablediff.run": {"step": loaded.step, "weights": weights,
-                                                            "run": run_dir.resolve().name}})
+    write_export(loaded, fmt, out, run_dir, ema, force, trust_pickle)
     wrote(out, export_origin(loaded, step, best))
+
+
+def write_export(loaded, fmt: str, out: Path, run_dir: Path, ema: bool, force: bool, trust_pickle: bool) -> None:
+    from stablediff.models.atomic_output import save_pipeline_folder
+    from stablediff.models.run_export import pipeline_from_checkpoint
+
+    source, weights = f"{run_dir} step {loaded.step}", "ema" if ema else "raw"
+    if fmt in LORA_FORMATS:
+        from stablediff.finetune.lora_files import write_diffusers_lora, write_kohya_lora
+
+        if fmt == "lora":
+            write_kohya_lora(loaded, out, source, ema)
+        else:
+            write_diffusers_lora(loaded, out, source, ema, replace=force)
+        return
+    pipe = pipeline_from_checkpoint(loaded, ema, trust_pickle, source)
+    if fmt == "diffusers":
+        save_pipeline_folder(pipe, out, replace=force, step=loaded.step, weights=weights)
+    else:
+        from stablediff.models.single_file_pipeline import save_single_file
+
+        # the run's name, not its path: files are shared, and paths tell usernames and layouts
+        save_single_file(pipe, out, {"stablediff.run": {"step": loaded.step, "weights": weights,
+                                                        "run": run_dir.resolve().name}})
 
 
 @click.command()
