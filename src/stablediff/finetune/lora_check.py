@@ -75,39 +75,37 @@ def _groups(keys) -> dict[str, list[str]]:
     return groups
 
 
-def _text_encoder_format(keys) -> object | None:
-    """The format diffusers infers for the text encoder part of the whole file (None: it raises)."""
-    from diffusers.utils.state_dict_utils import StateDictType
+def _text_encoder_names(text_keys: list[str]) -> tuple[dict[str, str], str | None]:
+    """diffusers' renaming of the file's text encoder keys, done on all of them at once as load_lora_weights does
+    (it infers the format from the whole set): {key: peft name}, or why it raises."""
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
 
-    if any("to_out_lora" in k for k in keys):
-        return StateDictType.DIFFUSERS_OLD
-    if any(".lora_A.weight" in k for k in keys):
-        return StateDictType.PEFT
-    return StateDictType.DIFFUSERS if any("lora_linear_layer" in k for k in keys) else None
+    stripped = {k[len("text_encoder."):]: None for k in text_keys}
+    try:  # both keep one key per key, in order
+        renamed = list(convert_state_dict_to_peft(convert_state_dict_to_diffusers(dict(stripped))))
+    except ValueError as exc:
+        return {}, f"diffusers cannot read the file's text encoder keys ({exc})"
+    return {k: n if n.startswith("text_model.") else f"text_model.{n}" for k, n in zip(text_keys, renamed)}, None
 
 
-def _peft_names(converted: dict, targets: LoraTargets, te_format) -> tuple[dict[str, tuple], str | None]:
+def _peft_names(converted: dict, targets: LoraTargets, text_names: tuple) -> tuple[dict[str, tuple], str | None]:
     """One layer's keys as diffusers' load_lora_weights hands them to peft: {peft name: shape}, or a problem."""
-    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, \
-        convert_unet_state_dict_to_peft
+    from diffusers.utils import convert_unet_state_dict_to_peft
 
     unet = {k[len("unet."):]: v for k, v in converted.items() if k.startswith("unet.")}
-    text = {k[len("text_encoder."):]: v for k, v in converted.items() if k.startswith("text_encoder.")}
+    text = {k: v for k, v in converted.items() if k.startswith("text_encoder.")}
     if len(unet) + len(text) < len(converted):
         return {}, "diffusers loads only keys under unet. and text_encoder. (after converting kohya names)"
     if text and targets.text_encoder_kind != "clip":
         return {}, f"the text encoder of {targets.name} is not CLIP"
+    if text and text_names[1]:
+        return {}, text_names[1]
     names = {k: tuple(v.shape) for k, v in convert_unet_state_dict_to_peft(unet).items()} if unet else {}
-    if text:
-        if te_format is None:  # diffusers raises for the whole text encoder part of the file
-            return {}, "diffusers cannot tell the format of the file's text encoder keys"
-        text = convert_state_dict_to_peft(convert_state_dict_to_diffusers(text, original_type=te_format))
-        names |= {(k if k.startswith("text_model.") else f"text_model.{k}"): tuple(v.shape) for k, v in text.items()}
-    return names, None
+    return names | {text_names[0][k]: tuple(v.shape) for k, v in text.items()}, None
 
 
-def _diffusers_problem(converted: dict, targets: LoraTargets, te_format) -> str | None:
-    names, problem = _peft_names(converted, targets, te_format)
+def _diffusers_problem(converted: dict, targets: LoraTargets, text_names: tuple) -> str | None:
+    names, problem = _peft_names(converted, targets, text_names)
     for name, shape in names.items():
         if problem:
             break
@@ -137,9 +135,9 @@ def diffusers_report(tensors: dict, targets: LoraTargets) -> LoaderReport:
         except (ValueError, KeyError) as exc:  # its converter raises for keys it cannot rename: the load fails
             report.refused = f"load_lora_weights raises for {keys[0]!r}: {str(exc).strip()[:200]}"
             report.skipped |= {k: "diffusers cannot convert it, and the whole load fails" for k in keys}
-    te_format = _text_encoder_format([k for c in converted.values() for k in c if k.startswith("text_encoder.")])
+    text_names = _text_encoder_names([k for c in converted.values() for k in c if k.startswith("text_encoder.")])
     for keys, layer in converted.items():
-        problem = _diffusers_problem(layer, targets, te_format)
+        problem = _diffusers_problem(layer, targets, text_names)
         if problem:
             report.skipped |= {k: problem for k in keys}
         else:
