@@ -154,11 +154,11 @@ def diffusers_state(weights: LoraWeights) -> tuple[dict[str, torch.Tensor], dict
 
 def write_kohya_lora(loaded: LoadedCheckpoint, out: Path, source: str, ema: bool = True) -> Path:
     """The checkpoint's LoRA as one kohya/A1111-layout `.safetensors` file with ss_*/modelspec.* metadata."""
+    weights = lora_weights(loaded, ema, source)
+    state = kohya_state(weights)  # refusals first: the writer's imports load diffusers (seconds)
     from stablediff.finetune.lora_metadata import kohya_metadata
     from stablediff.models.single_file_pipeline import write_safetensors
 
-    weights = lora_weights(loaded, ema, source)
-    state = kohya_state(weights)
     metadata = kohya_metadata(loaded.meta, weights, Path(out).stem, loaded.step)
     return write_safetensors(state, metadata, Path(out))
 
