@@ -156,3 +156,18 @@ def test_missing_pickle_and_non_lora_files_are_refused_with_a_reason(tmp_path):
     save_file({"conv_in.weight": torch.zeros(2, 2)}, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match="is not a LoRA.*conv_in.weight"):
         read_lora_shapes(tmp_path / "model.safetensors")
+
+
+def test_a_single_file_base_gives_the_same_layers_as_its_diffusers_folder(base, targets, kohya_file, tmp_path):
+    from stablediff.models.pipeline_assembly import load_pipeline_folder
+    from stablediff.models.single_file_pipeline import save_single_file
+
+    single = save_single_file(load_pipeline_folder(base, False), tmp_path / "base.safetensors")
+    from_file = base_targets(single)
+    assert (from_file.unet, from_file.ldm, from_file.text_encoder) == (targets.unet, targets.ldm, targets.text_encoder)
+    assert check_lora(kohya_file, from_file).ok
+
+
+def test_a_base_that_is_no_model_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="neither a diffusers pipeline folder"):
+        base_targets(tmp_path)
