@@ -118,6 +118,20 @@ def test_the_metadata_has_the_ss_and_modelspec_keys_as_strings(base, tmp_path):
     assert meta["modelspec.title"] == "ink" and meta["modelspec.date"].startswith("20")
 
 
+def test_the_legacy_model_hash_is_written_when_the_base_file_is_there(base, tmp_path):
+    import hashlib
+    import os
+
+    model = tmp_path / "base.safetensors"
+    model.write_bytes(os.urandom(0x120000))
+    meta = {**FULL_META, "finetune_base": {**FULL_META["finetune_base"], "path": str(model)}}
+    trained = trained_pipeline(base, ATTENTION)
+    out = write_kohya_lora(checkpoint_of(trained, tmp_path / "run", meta=meta), tmp_path / "h.safetensors", "r")
+    # A1111's legacy hash: sha256 of the 64 KiB at offset 1 MiB, first 8 hex digits (as kohya writes it)
+    expected = hashlib.sha256(model.read_bytes()[0x100000:0x110000]).hexdigest()[:8]
+    assert metadata_of(out)["ss_sd_model_hash"] == expected
+
+
 def test_a_checkpoint_without_meta_still_exports_with_alpha_equal_to_rank(base, tmp_path):
     trained = trained_pipeline(base, ATTENTION)
     lora_checkpoint(tmp_path / "run", {"unet": trained.unet}, {})
