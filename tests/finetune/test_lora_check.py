@@ -8,7 +8,7 @@ from stablediff.finetune.lora_check import check_lora, read_lora_shapes, report_
 from stablediff.finetune.lora_files import load_lora_checkpoint, write_diffusers_lora, write_kohya_lora
 from stablediff.finetune.lora_targets import base_targets, sd15_targets
 
-from tests.finetune.lora_fixtures import (ATTENTION, CLIP_TARGETS, LOCON, add_trained_lora, build_sd_shaped_folder,
+from tests.finetune.lora_fixtures import (CLIP_TARGETS, LOCON, add_trained_lora, build_sd_shaped_folder,
                                           lora_checkpoint, lora_config_meta)
 
 LOADERS = ["AUTOMATIC1111", "ComfyUI", "diffusers"]
