@@ -5,8 +5,8 @@ import torch
 from safetensors.torch import load_file
 
 from stablediff.checkpoint import CheckpointStore
-from stablediff.models.run_export import load_run_checkpoint, pipeline_from_run, save_lora
-from tests.models.tiny_sd import assert_same_tensors, tiny_unet
+from stablediff.models.run_export import load_run_checkpoint, pipeline_from_run
+from tests.models.tiny_sd import assert_same_tensors
 
 
 def test_newest_checkpoint_gives_the_runs_exported_ema_unet(tiny_run):
@@ -46,44 +46,6 @@ def test_best_needs_a_val_loss_or_takes_the_lowest(tiny_run):
 def test_a_folder_without_checkpoints_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoints"):
         pipeline_from_run(tmp_path)
-
-
-def test_lora_export_needs_lora_weights(tiny_run, tmp_path):
-    with pytest.raises(ValueError, match="no LoRA weights"):
-        save_lora(load_run_checkpoint(tiny_run), tmp_path / "lora.safetensors", "the run")
-
-
-def test_lora_adapters_are_written_in_the_format_diffusers_loads(tmp_path):
-    from peft import LoraConfig
-
-    from tests.models.tiny_sd import tiny_pipeline
-
-    unet = tiny_unet()
-    config = LoraConfig(r=2, lora_alpha=4, target_modules=["to_q", "to_v"], init_lora_weights="gaussian")
-    unet.add_adapter(config)
-    with torch.no_grad():  # lora_B starts at zero (a no-op adapter); make it a trained-looking one
-        for name, param in unet.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
-    store = CheckpointStore(tmp_path / "run" / "checkpoints")
-    store.save(3, {f"unet/{k}": v for k, v in unet.state_dict().items()}, {"stage": "unet", "config": {},
-                                                                        "lora_config": _json_ready(config.to_dict())})
-    out = save_lora(load_run_checkpoint(tmp_path / "run"), tmp_path / "lora.safetensors", "the run")
-    written = load_file(out)
-    assert written and all(k.startswith("unet.") and "lora_" in k and ".default." not in k for k in written)
-    pipe = tiny_pipeline()  # the same base UNet the adapters were added to
-    sample, context = torch.randn(1, 4, 8, 8), torch.randn(1, 8, 384)
-    with torch.no_grad():
-        base = pipe.unet(sample, 10, context).sample
-        pipe.load_lora_weights(str(out))
-        with_lora, trained = pipe.unet(sample, 10, context).sample, unet(sample, 10, context).sample
-    assert not torch.allclose(base, trained)
-    assert torch.allclose(with_lora, trained, atol=1e-6)
-
-
-def _json_ready(config: dict) -> dict:
-    return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()
-            if isinstance(v, (str, int, float, bool, list, set, type(None)))}
 
 
 def test_step_and_best_together_are_refused(tmp_path):

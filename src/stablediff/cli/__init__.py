@@ -25,9 +25,9 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 def _register() -> None:
-    from stablediff.cli import ckpt, data, demo, finetune, generate, train
+    from stablediff.cli import ckpt, data, demo, finetune, generate, lora, train
 
-    for command in (train.train, finetune.finetune, demo.demo, generate.generate, ckpt.group, data.group):
+    for command in (train.train, finetune.finetune, demo.demo, generate.generate, ckpt.group, data.group, lora.group):
         cli.add_command(command)
 
 

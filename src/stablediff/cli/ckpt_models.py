@@ -61,6 +61,23 @@ def export_origin(loaded, step: int | None, best: bool) -> str:
             "see `stablediff ckpt verify`")
 
 
+def default_format(run_dir: Path) -> str:
+    """lora for a LoRA fine-tune (its adapters are what it made), diffusers for everything else."""
+    from stablediff.models.finetuned_run import is_finetune_run
+
+    return "lora" if is_finetune_run(run_dir) and finetune_method(run_dir) == "lora" else "diffusers"
+
+
+def finetune_method(run_dir: Path) -> str | None:
+    import yaml
+
+    try:
+        config = yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    return (config.get("finetune") or {}).get("method")
+
+
 def _is_best(run_dir: Path, loaded) -> bool:
     from stablediff.models.run_export import best_step, open_run_store
 
@@ -73,9 +90,14 @@ def show_model_info(target: str, trust_pickle: bool) -> None:
     click.echo(json.dumps(model_info(Path(target), trust_pickle), indent=2, default=str))
 
 
+LORA_FORMATS = ("lora", "lora-diffusers")  # a fine-tune run's adapters (finetune/lora_files.py)
+
+
 @click.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["diffusers", "single-file", "lora"]), required=True)
+@click.option("--format", "fmt", type=click.Choice(["diffusers", "single-file", *LORA_FORMATS]), default=None,
+              help="lora: one kohya/A1111-layout file (A1111, ComfyUI, diffusers); lora-diffusers: a "
+                   "save_lora_weights folder. Default: lora for a LoRA fine-tune, else diffusers.")
 @click.option("--step", type=click.IntRange(0), default=None,
               help="Which checkpoint (default: the newest; for a fine-tune run, the best when one is marked).")
 @click.option("--best", is_flag=True, help="The best checkpoint (RUN_DIR/eval.json's mark, else the lowest val_loss).")
@@ -87,33 +109,50 @@ def show_model_info(target: str, trust_pickle: bool) -> None:
 def export(run_dir: Path, fmt: str, step, best: bool, ema: bool, out: Path | None, force: bool,
            trust_pickle: bool) -> None:
     """Write a run's checkpoint as a diffusers folder, an SD single file, or its LoRA adapters."""
-    from stablediff.models.atomic_output import save_pipeline_folder
-    from stablediff.models.run_export import load_run_checkpoint, pipeline_from_checkpoint, save_lora
-
     from stablediff.models.finetuned_run import is_finetune_run
+    from stablediff.models.run_export import load_run_checkpoint
 
-    loaded = load_run_checkpoint(run_dir, step, best)
+    fmt = fmt or default_format(run_dir)
+    if fmt in LORA_FORMATS:
+        from stablediff.finetune.lora_files import load_lora_checkpoint
+
+        loaded = load_lora_checkpoint(run_dir, step, best)
+    else:
+        loaded = load_run_checkpoint(run_dir, step, best)
     best = best or (step is None and is_finetune_run(run_dir) and not loaded.skipped and _is_best(run_dir, loaded))
-    source = f"{run_dir} step {loaded.step}"
     weights = "ema" if ema else "raw"
-    suffix = {"diffusers": "", "single-file": ".safetensors", "lora": "-lora.safetensors"}[fmt]
+    suffix = {"diffusers": "", "single-file": ".safetensors", "lora": "-lora.safetensors",
+              "lora-diffusers": "-lora-diffusers"}[fmt]
     out = out or run_dir / "export" / f"step-{loaded.step:06d}-{weights}{suffix}"
     check_out(out, force)
     for note in loaded.notes():
         click.echo(note, err=True)
-    if fmt == "lora":
-        save_lora(loaded, out, source)
-    else:
-        pipe = pipeline_from_checkpoint(loaded, ema, trust_pickle, source, run_dir=run_dir)
-        if fmt == "diffusers":
-            save_pipeline_folder(pipe, out, replace=force, step=loaded.step, weights=weights)
-        else:
-            from stablediff.models.single_file_pipeline import save_single_file
-
-            # the run's name, not its path: files are shared, and paths tell usernames and layouts
-            save_single_file(pipe, out, {"stablediff.run": {"step": loaded.step, "weights": weights,
-                                                            "run": run_dir.resolve().name}})
+    write_export(loaded, fmt, out, run_dir, ema, force, trust_pickle)
     wrote(out, export_origin(loaded, step, best))
+
+
+def write_export(loaded, fmt: str, out: Path, run_dir: Path, ema: bool, force: bool, trust_pickle: bool) -> None:
+    from stablediff.models.atomic_output import save_pipeline_folder
+    from stablediff.models.run_export import pipeline_from_checkpoint
+
+    source, weights = f"{run_dir} step {loaded.step}", "ema" if ema else "raw"
+    if fmt in LORA_FORMATS:
+        from stablediff.finetune.lora_files import write_diffusers_lora, write_kohya_lora
+
+        if fmt == "lora":
+            write_kohya_lora(loaded, out, source, ema)
+        else:
+            write_diffusers_lora(loaded, out, source, ema, replace=force)
+        return
+    pipe = pipeline_from_checkpoint(loaded, ema, trust_pickle, source, run_dir=run_dir)
+    if fmt == "diffusers":
+        save_pipeline_folder(pipe, out, replace=force, step=loaded.step, weights=weights)
+    else:
+        from stablediff.models.single_file_pipeline import save_single_file
+
+        # the run's name, not its path: files are shared, and paths tell usernames and layouts
+        save_single_file(pipe, out, {"stablediff.run": {"step": loaded.step, "weights": weights,
+                                                        "run": run_dir.resolve().name}})
 
 
 @click.command()

@@ -9,7 +9,6 @@ in it (it is frozen): it is loaded the way the run loaded it, from the config's
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -21,8 +20,6 @@ from stablediff.checkpoint.run_stores import run_stores
 from stablediff.run_schema import BEST_METRIC
 from stablediff.errors import CheckpointError, MissingPathError
 from stablediff.io.run_files import read_eval
-
-LORA_METADATA_KEY = "lora_adapter_metadata"  # where diffusers' save_lora_weights keeps the LoraConfig
 
 
 def open_run_store(run_dir: Path) -> tuple[CheckpointStore, list[CheckpointStore]]:
@@ -109,7 +106,7 @@ def _trained_pipeline(loaded: LoadedCheckpoint, ema: bool, trust_pickle: bool, s
 
     if lora_tensors(loaded.tensors):
         raise CheckpointError(f"{source} holds LoRA adapters; export them with `stablediff ckpt export --format lora` "
-                              "and apply them to the base model they were trained on")
+                              "(or lora-diffusers) and apply them to the base model they were trained on")
     config = RunConfig.model_validate(loaded.meta[schema.CONFIG])
     if not getattr(config.vae, "enabled", True):
         raise CheckpointError(f"{source} is a pixel-space model (no VAE), which is not a Stable Diffusion pipeline; "
@@ -129,20 +126,3 @@ def _trained_pipeline(loaded: LoadedCheckpoint, ema: bool, trust_pickle: bool, s
     return assemble_pipeline(vae.eval(), text_encoder.model, text_encoder.tokenizer, unet.eval(),
                              dict(scheduler.config))
 
-
-def save_lora(loaded: LoadedCheckpoint, out: Path, source: str) -> Path:
-    """The UNet's LoRA adapters as a diffusers/peft LoRA file (`unet.<module>.lora_A.weight`)."""
-    from stablediff.models.single_file_pipeline import write_safetensors
-
-    lora = lora_tensors(loaded.tensors)
-    if not lora:
-        raise CheckpointError(f"{source} has no LoRA weights (no UNet tensors named lora_*): it trained the full model. "
-                              "Export it with --format diffusers or --format single-file instead.")
-    # peft names the adapter inside the model (`.lora_A.default.weight`); LoRA files leave it out.
-    tensors = {"unet." + name.replace(".default.", "."): t for name, t in lora.items()}
-    metadata = {"stablediff.step": str(loaded.step)}
-    config = loaded.meta.get(schema.LORA_CONFIG)  # the peft LoraConfig as a dict: rank, alpha, target modules
-    if config:  # diffusers reads the scale (alpha / r) from here; without it, it assumes alpha = r
-        metadata[LORA_METADATA_KEY] = json.dumps({f"unet.{k}": sorted(v) if isinstance(v, (set, tuple)) else v
-                                                  for k, v in config.items()}, default=str)
-    return write_safetensors(tensors, metadata, Path(out))
