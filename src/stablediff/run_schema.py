@@ -21,6 +21,7 @@ VAE_CHECKPOINT_STEP = 0  # stage 1 is saved as step 0 and replaced by each newer
 VAE = "vae"  # the autoencoder (frozen after stage 1: costs no bytes after the first save)
 UNET = "unet"  # the UNet being trained (its LoRA adapters, when it has them: names with `lora_`)
 EMA = "ema"  # the UNet's moving average
+EMBEDDING = "embedding"  # textual inversion: embedding/vectors, the new token's (num_vectors, width)
 OPTIM = "optim"  # the optimizer's per-parameter tensors of stage 2: optim/<param index>/<key>[/<key>]
 VAE_OPTIM = "vae_optim"  # the same for stage 1
 RNG = "rng"  # the global generators' states: rng/torch, rng/numpy, rng/cuda/<device>
@@ -42,6 +43,7 @@ VAE_SCALING_FACTOR = "vae_scaling_factor"
 LORA_CONFIG = "lora_config"  # the peft LoraConfig as a dict: rank, alpha, target modules
 FINETUNE_BASE = "finetune_base"  # a fine-tune's base: kind, path, name, step, sha256 (finetune/base.py)
 TRAINING_STARTED_AT = "training_started_at"  # unix time of the run's first start (LoRA metadata reports it)
+TEXTUAL_INVERSION = "textual_inversion"  # {"token", "num_vectors"} of a textual-inversion run
 EARLY_STOPPING = "early_stopping"  # the early-stopping tracker's state (training/early_stop.py)
 # Meta that `ckpt info` leaves out: large, and read by the trainer rather than by people.
 BULKY_META = (CONFIG, RNG_META, OPTIMIZER_PARAM_GROUPS, OPTIMIZER_SCALARS)

@@ -65,7 +65,8 @@ def default_format(run_dir: Path) -> str:
     """lora for a LoRA fine-tune (its adapters are what it made), diffusers for everything else."""
     from stablediff.models.finetuned_run import is_finetune_run
 
-    return "lora" if is_finetune_run(run_dir) and finetune_method(run_dir) == "lora" else "diffusers"
+    method = finetune_method(run_dir) if is_finetune_run(run_dir) else None
+    return {"lora": "lora", "textual_inversion": "embedding"}.get(method, "diffusers")
 
 
 def finetune_method(run_dir: Path) -> str | None:
@@ -95,9 +96,10 @@ LORA_FORMATS = ("lora", "lora-diffusers")  # a fine-tune run's adapters (finetun
 
 @click.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["diffusers", "single-file", *LORA_FORMATS]), default=None,
-              help="lora: one kohya/A1111-layout file (A1111, ComfyUI, diffusers); lora-diffusers: a "
-                   "save_lora_weights folder. Default: lora for a LoRA fine-tune, else diffusers.")
+@click.option("--format", "fmt", type=click.Choice(["diffusers", "single-file", *LORA_FORMATS, "embedding"]),
+              default=None, help="lora: one kohya/A1111-layout file (A1111, ComfyUI, diffusers); lora-diffusers: a "
+                   "save_lora_weights folder; embedding: a textual-inversion run's TOKEN.safetensors in OUT (a "
+                   "folder). Default: lora / embedding for those fine-tunes, else diffusers.")
 @click.option("--step", type=click.IntRange(0), default=None,
               help="Which checkpoint (default: the newest; for a fine-tune run, the best when one is marked).")
 @click.option("--best", is_flag=True, help="The best checkpoint (RUN_DIR/eval.json's mark, else the lowest val_loss).")
@@ -113,7 +115,7 @@ def export(run_dir: Path, fmt: str, step, best: bool, ema: bool, out: Path | Non
     from stablediff.models.run_export import load_run_checkpoint
 
     fmt = fmt or default_format(run_dir)
-    if fmt in LORA_FORMATS:
+    if fmt in (*LORA_FORMATS, "embedding"):  # no pipeline needed: any checkpoint with the tensors will do
         from stablediff.finetune.lora_files import load_lora_checkpoint
 
         loaded = load_lora_checkpoint(run_dir, step, best)
@@ -122,7 +124,7 @@ def export(run_dir: Path, fmt: str, step, best: bool, ema: bool, out: Path | Non
     best = best or (step is None and is_finetune_run(run_dir) and not loaded.skipped and _is_best(run_dir, loaded))
     weights = "ema" if ema else "raw"
     suffix = {"diffusers": "", "single-file": ".safetensors", "lora": "-lora.safetensors",
-              "lora-diffusers": "-lora-diffusers"}[fmt]
+              "lora-diffusers": "-lora-diffusers", "embedding": "-embedding"}[fmt]
     out = out or run_dir / "export" / f"step-{loaded.step:06d}-{weights}{suffix}"
     check_out(out, force)
     for note in loaded.notes():
@@ -136,6 +138,11 @@ def write_export(loaded, fmt: str, out: Path, run_dir: Path, ema: bool, force: b
     from stablediff.models.run_export import pipeline_from_checkpoint
 
     source, weights = f"{run_dir} step {loaded.step}", "ema" if ema else "raw"
+    if fmt == "embedding":
+        from stablediff.finetune.live_captions import write_embedding_export
+
+        write_embedding_export(loaded, out, source)
+        return
     if fmt in LORA_FORMATS:
         from stablediff.finetune.lora_files import write_diffusers_lora, write_kohya_lora
 

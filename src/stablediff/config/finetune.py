@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # LoRA target presets: module-name suffixes in a diffusers UNet2DConditionModel (peft matches a target
 # against the end of each module's dotted name). `conv` adds the ResNet and resampler convolutions: LoCon.
@@ -51,12 +51,32 @@ class FinetuneConfig(_Section):
                       "RUN_DIR@latest or RUN_DIR@STEP), a diffusers StableDiffusionPipeline folder, or an SD 1.x "
                       ".safetensors single file")
     tokenizer: str | None = Field(None, description="a local CLIP tokenizer folder, for single files that have none")
-    method: Literal["full", "lora"] = Field("lora", description="full: every UNet weight trains (less the frozen "
-                                            "ones); lora: peft adapters train, the base stays frozen")
+    method: Literal["full", "lora", "textual_inversion"] = Field(
+        "lora", description="full: every UNet weight trains (less the frozen ones); lora: peft adapters train, the "
+        "base stays frozen; textual_inversion: only the embedding of a new token trains")
     lora: LoraSettings = Field(default_factory=LoraSettings)
     freeze: list[str] = Field([], description="glob patterns of parameter names that do not train, e.g. "
                               "'down_blocks.*' or '*attn2*'")
     train_only: list[str] = Field([], description="glob patterns: only matching parameters train")
+    instance_prompt: str | None = Field(None, description="the caption of every training image (and of the held-out "
+                                        "ones), e.g. 'a photo of <my-dog> dog'; default: the data's own captions")
+    token: str | None = Field(None, description="textual inversion: the new word, e.g. <my-style>")
+    init_token: str | None = Field(None, description="textual inversion: an existing word whose embedding starts it")
+    num_vectors: int = Field(1, ge=1, le=75, description="textual inversion: vectors of the new token")
+
+    @model_validator(mode="after")
+    def _textual_inversion_has_its_token(self) -> "FinetuneConfig":
+        if self.method != "textual_inversion":
+            if self.token is not None:
+                raise ValueError("finetune.token is for method: textual_inversion; remove it or set the method")
+            return self
+        if not self.token or not self.init_token:
+            raise ValueError("finetune.method textual_inversion needs finetune.token (the new word) and "
+                             "finetune.init_token (an existing word to start from)")
+        if self.freeze or self.train_only:
+            raise ValueError("finetune.freeze/train_only choose UNet weights; textual inversion trains only the "
+                             "token's embedding: remove them")
+        return self
 
 
 class EarlyStoppingConfig(_Section):

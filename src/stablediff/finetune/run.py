@@ -15,6 +15,7 @@ from pathlib import Path
 from stablediff import run_schema as schema
 from stablediff.errors import ConfigError
 from stablediff.finetune.base import BASE_FOLDER, Base, load_saved_base, save_base
+from stablediff.finetune.live_captions import make_live_captions
 from stablediff.finetune.freeze import format_report, trainable_report
 from stablediff.finetune.plan import FinetunePlan
 from stablediff.finetune.trainable import make_trainable
@@ -48,10 +49,10 @@ def run_finetune(plan: FinetunePlan, run_dir: Path, trust_pickle: bool = False,
 
 
 def build_finetune(run: RunContext, resume, trust_pickle: bool, device, check, *, base: Base) -> Stage2:
-    """Data and features through the base's VAE and text encoder, then the UNet made trainable."""
+    """Data and features through the base's VAE and text encoder, then what trains made trainable."""
     config, run_dir = run.config, run.run_dir
     seed_everything(config.seed)
-    loaded = load_training_images(config, run_dir)
+    loaded = with_instance_prompt(load_training_images(config, run_dir), config.finetune.instance_prompt)
     text_encoder = pipeline_text_encoder(base.pipe, run_dir / BASE_FOLDER)
     fingerprints = {"code": train_state.code_fingerprint(),
                     "data": train_state.data_fingerprint(loaded.images, loaded.captions),
@@ -60,25 +61,46 @@ def build_finetune(run: RunContext, resume, trust_pickle: bool, device, check, *
         check.check_fingerprints(fingerprints)
     vae = base.pipe.vae.eval().requires_grad_(False)
     data = encode_features(config, run_dir, vae, loaded, text_encoder)
-    unet = base.pipe.unet
-    lora = make_trainable(unet, config.finetune, config.seed)
-    report = trainable_report(unet)
-    say(format_report(report))
-    if run.metrics is not None:
-        run.metrics.write(event="trainable", blocks=report)
-    state = make_train_state(unet, config.train, len(data), config.seed, 1, 0, device, config.guard,
-                             bucket_ids=data.order_bucket_ids)
-    state.trained_only = True
+    state = trainable_state(run, base, loaded, len(data), data.order_bucket_ids, device)
     started = resume.meta.get(schema.TRAINING_STARTED_AT) if resume is not None else None
-    state.extra = {schema.VAE_SCALING_FACTOR: vae.config.scaling_factor, schema.VAE_REPORT: None,
-                   schema.FINETUNE_BASE: base.record, schema.LORA_CONFIG: lora,
-                   schema.TRAINING_STARTED_AT: started or time.time()}
+    state.extra[schema.TRAINING_STARTED_AT] = started or time.time()
     if train_state.unet_resume(resume) is not None:
         meta = check.restorable_meta(state.order) if check is not None else resume.meta
         train_state.restore(state, resume.tensors, meta)
     capture = partial(capture_all_ranks, state, None, config.model_dump(mode="json"), fingerprints, run.dist)
     return Stage2(vae, text_encoder, data, state, base.training_scheduler(), capture, None, loaded.held_out,
                   loaded.held_out_captions, vae.config.scaling_factor)
+
+
+def trainable_state(run: RunContext, base: Base, loaded, num_samples: int, bucket_ids, device):
+    """The train state of what trains: adapters or unfrozen weights (reported), or the new token's vectors."""
+    config, ft = run.config, run.config.finetune
+    lora = make_trainable(base.pipe.unet, ft, config.seed)
+    live = None
+    if ft.method == "textual_inversion":  # after the features were cached: the cache never sees the token
+        live = make_live_captions(base.pipe, ft, loaded.captions, config.train.gradient_accumulation_steps)
+        say(f"textual inversion: the {ft.num_vectors} vector(s) of {ft.token!r} train (from {ft.init_token!r}); "
+            "the UNet and text encoder are frozen")
+    else:
+        report = trainable_report(base.pipe.unet)
+        say(format_report(report))
+        if run.metrics is not None:
+            run.metrics.write(event="trainable", blocks=report)
+    state = make_train_state(base.pipe.unet, config.train, num_samples, config.seed, 1, 0, device, config.guard,
+                             bucket_ids=bucket_ids, extra_groups=((live, None),) if live else ())
+    state.trained_only, state.live_text = True, live
+    inversion = {"token": ft.token, "num_vectors": ft.num_vectors} if live else None
+    state.extra = {schema.VAE_SCALING_FACTOR: base.pipe.vae.config.scaling_factor, schema.VAE_REPORT: None,
+                   schema.FINETUNE_BASE: base.record, schema.LORA_CONFIG: lora, schema.TEXTUAL_INVERSION: inversion}
+    return state
+
+
+def with_instance_prompt(loaded, prompt: str | None):
+    """Every training and held-out image captioned `prompt` (DreamBooth's and textual inversion's captions)."""
+    if prompt is not None:
+        loaded.captions = [[prompt] for _ in loaded.captions]
+        loaded.held_out_captions = [prompt] * len(loaded.held_out)
+    return loaded
 
 
 def finish(run: RunContext, stage: Stage2) -> RunResult:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from stablediff.errors import ConfigError
-from stablediff.inference.embeddings import add_token_vectors, new_token_problem, token_names
+from stablediff.models.token_vectors import add_token_vectors, new_token_problem, token_names
 from stablediff.models.text_encoder import encode_captions
 
 

@@ -12,6 +12,9 @@ from stablediff.finetune.lora import add_lora
 def make_trainable(unet: torch.nn.Module, cfg: FinetuneConfig, seed: int) -> dict | None:
     """Set requires_grad for the method and patterns; the LoRA config (for the checkpoint) or None."""
     lora = None
+    if cfg.method == "textual_inversion":  # only the new token's vectors train (finetune/live_captions.py)
+        unet.requires_grad_(False)
+        return None
     if cfg.method == "lora":
         lora = add_lora(unet, cfg.lora, seed)  # freezes the base, adapters train
     else:

@@ -48,6 +48,13 @@ def finetuned_pipeline(run_dir: Path, loaded: LoadedCheckpoint, ema: bool = True
 
     source = f"{run_dir} step {loaded.step}"
     pipe = load_pipeline_folder(base_folder(run_dir))
+    inversion = loaded.meta.get(schema.TEXTUAL_INVERSION)
+    if inversion:  # the base with the new token: the UNet did not train
+        from stablediff.models.token_vectors import add_token_vectors
+
+        vectors = schema.unprefixed(schema.EMBEDDING, loaded.tensors)["vectors"]
+        add_token_vectors(pipe.tokenizer, pipe.text_encoder, inversion["token"], vectors)
+        return pipe
     lora = loaded.meta.get(schema.LORA_CONFIG)
     if lora:
         attach_lora(pipe.unet, lora)

@@ -7,6 +7,8 @@ so a resumed run draws exactly what an uninterrupted one would.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from stablediff.training.encoded_dataset import EncodedDataset
@@ -14,8 +16,12 @@ from stablediff.training.seeding import step_generator
 
 
 def draw_batch(data: EncodedDataset, indices: torch.Tensor, scaling_factor: float, caption_dropout: float,
-               seed: int, step: int, rank: int, flip_probability: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+               seed: int, step: int, rank: int, flip_probability: float = 0.0,
+               embed: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Latents (B, C, h, w), scaled, and text embeddings (B, L, D) for one step.
+
+    `embed(rows)` encodes the chosen caption rows now (textual inversion: with gradients to the new
+    token) instead of reading the cached embeddings.
 
     All `indices` must share a bucket (`BucketBatchOrder` guarantees it): a batch is one tensor.
     """
@@ -36,7 +42,8 @@ def draw_batch(data: EncodedDataset, indices: torch.Tensor, scaling_factor: floa
         mean = torch.where(flipped, group.flip_mean[variant, rows], mean)
         std = torch.where(flipped, group.flip_std[variant, rows], std)
     latents = (mean + std * eps) * scaling_factor
-    return latents, data.embeddings[caption_rows(data.caption_ids, indices, caption_dropout, seed, step, rank)]
+    rows = caption_rows(data.caption_ids, indices, caption_dropout, seed, step, rank)
+    return latents, data.embeddings[rows] if embed is None else embed(rows)
 
 
 def caption_rows(caption_ids: list[list[int]], indices: torch.Tensor, caption_dropout: float, seed: int, step: int,

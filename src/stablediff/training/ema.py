@@ -67,6 +67,8 @@ class EMA:
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int, batch_size: int | None = None) -> None:
         """ema <- d * ema + (1 - d) * model, with d = decay_at(step, batch_size)."""
+        if not self._trained:  # textual inversion: the UNet is frozen, nothing to average
+            return
         d = self.decay_at(step, batch_size)
         all_ema, all_params = list(self.model.parameters()), list(model.parameters())
         ema_params = [all_ema[i] for i in self._trained]

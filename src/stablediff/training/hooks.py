@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import sys
 
+import torch
+
 from stablediff import run_schema as schema
 from stablediff.io.run_files import update_eval
 from stablediff.training.context import RunContext
@@ -81,6 +83,9 @@ class RunHooks(LoopHooks):
         if not every or state.step % every:
             return False
         if self.validation_set is not None:  # rank 0; the weights are the same on every rank
+            if state.live_text is not None:  # the new token's vectors as they are now
+                with torch.no_grad():
+                    self.validation_set.text_embeddings = state.live_text.encode(self.validation_set.prompts)
             result = run_validation(state.unet, self.stage.noise_scheduler, self.validation_set,
                                     self.config.train.prediction_type, self.config.train.validation_timesteps)
             self.val_loss = result["loss"]

@@ -22,6 +22,7 @@ VALIDATION_SAMPLES = 64  # held-out images in the validation loss (fixed: compar
 class ValidationSet:
     latents: torch.Tensor  # (M, C, h, w): scaled posterior means of held-out images
     text_embeddings: torch.Tensor  # (M, L, D): their captions ("" where a source gives none)
+    prompts: list[str] | None = None  # those captions (re-encoded before each validation by textual inversion)
 
 
 @torch.no_grad()
@@ -31,7 +32,7 @@ def make_validation_set(vae, held_out: torch.Tensor, text_encoder, scaling_facto
     latents = images if vae is None else vae.encode(images).latent_dist.mean * scaling_factor
     prompts = list(captions[: len(images)]) if captions else []
     prompts += [""] * (len(images) - len(prompts))
-    return ValidationSet(latents, text_encoder.encode(prompts))
+    return ValidationSet(latents, text_encoder.encode(prompts), prompts)
 
 
 def run_validation(unet: torch.nn.Module, noise_scheduler, vset: ValidationSet, prediction_type: str,

@@ -59,6 +59,8 @@ def capture(state, vae: torch.nn.Module | None, config_dump: dict, fingerprints:
         unet, ema = ({k: v for k, v in sd.items() if k in names} for sd in (unet, ema))
     tensors.update(schema.prefixed(schema.UNET, unet))
     tensors.update(schema.prefixed(schema.EMA, ema))
+    if state.live_text is not None:
+        tensors.update(schema.prefixed(schema.EMBEDDING, state.live_text.state_dict()))
     optim_tensors, optim_meta = optimizer_snapshot(schema.OPTIM, state.optimizer)
     tensors.update(optim_tensors)
     rng_tensors, rng_meta = local_rng()
@@ -120,6 +122,8 @@ def restore(state, tensors: dict[str, torch.Tensor], meta: dict, rank: int = 0) 
     else:
         state.unet.load_state_dict(schema.unprefixed(schema.UNET, tensors))
         state.ema.load_state_dict(schema.unprefixed(schema.EMA, tensors))
+    if state.live_text is not None:
+        state.live_text.load_state_dict(schema.unprefixed(schema.EMBEDDING, tensors))
     restore_optimizer(state.optimizer, schema.OPTIM, tensors, meta, f"the checkpoint of step {meta[schema.STEP]}")
     state.lr_scheduler.load_state_dict(meta["lr_scheduler"])
     state.order.load_state_dict(meta["sampler"])  # meta key "sampler" = the data order (old spelling, kept)

@@ -51,11 +51,20 @@ class UNetTrainState:
     pending_skip: int = 0  # batches the data order still has to pass over (set by a rollback, used at once)
     stop_reason: str | None = None  # set by early stopping: the loop ends after this step
     trained_only: bool = False  # a fine-tune: checkpoints hold only the parameters that train
+    # Textual inversion: captions are encoded each step through the new token's trainable vectors (an
+    # object with encode_rows(rows) -> (B, L, D), parameters(), state_dict(), load_state_dict()).
+    live_text: object | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.model is None:
             self.model = self.unet
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """What the optimizer steps (and gradient clipping sees): the UNet's trained weights and, with
+        textual inversion, the new token's vectors."""
+        extra = list(self.live_text.parameters()) if self.live_text is not None else []
+        return [p for p in self.unet.parameters() if p.requires_grad] + extra
 
     def scale_lr(self, factor: float) -> None:
         """Multiply the LR for the rest of the run (the schedule's shape is kept)."""
@@ -80,10 +89,12 @@ class LoopHooks:
 
 def make_train_state(unet: UNet2DConditionModel, cfg: TrainConfig, num_samples: int, seed: int,
                      world_size: int = 1, rank: int = 0, device: torch.device | None = None,
-                     guard_cfg: GuardConfig | None = None, bucket_ids: list[int] | None = None) -> UNetTrainState:
+                     guard_cfg: GuardConfig | None = None, bucket_ids: list[int] | None = None,
+                     extra_groups: tuple = ()) -> UNetTrainState:
+    """`extra_groups`: more (module, lr or None) for the optimizer, e.g. textual inversion's vectors."""
     device = device or torch.device("cpu")
     prepare_unet(unet, device, cfg.gradient_checkpointing, cfg.channels_last)
-    optimizer = make_optimizer([(unet, None)], cfg)
+    optimizer = make_optimizer([(unet, None), *extra_groups], cfg)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(step, cfg.warmup_steps, cfg.max_steps, cfg.lr_schedule))
     order = make_batch_order(num_samples, seed, world_size, rank, bucket_ids)  # bucket_ids: one bucket per batch
@@ -143,8 +154,9 @@ def next_step_batch(state: UNetTrainState, data: EncodedDataset, noise_scheduler
     state.pending_skip = 0
     draw_step = state.step + state.skipped_batches  # and so do the step's random draws
     indices = torch.from_numpy(state.order.next_batch(step_size))
+    embed = state.live_text.encode_rows if state.live_text is not None else None
     latents, text_embeddings = draw_batch(data, indices, scaling_factor, data_cfg.caption_dropout, seed,
-                                          draw_step, rank, data_cfg.flip_probability)
+                                          draw_step, rank, data_cfg.flip_probability, embed)
     noise, timesteps = draw_noise(latents, noise_scheduler.config.num_train_timesteps, cfg, seed, draw_step, rank)
     batch = StepBatch(latents, text_embeddings, noise, timesteps).to(state.precision.device, cfg.channels_last)
     return batch, len(indices)
@@ -167,7 +179,7 @@ def optimizer_step(state: UNetTrainState, noise_scheduler: DDPMScheduler, batch:
     state.optimizer.zero_grad(set_to_none=True)
     loss = accumulate_gradients(state.model, noise_scheduler, batch, cfg, state.precision)
     state.precision.unscale(state.optimizer)
-    grad_norm = grad_norm_and_clip(state.unet.parameters(), cfg.grad_clip)
+    grad_norm = grad_norm_and_clip(state.trainable_parameters(), cfg.grad_clip)
     loss, = mean_over_ranks([loss])  # every rank judges the same numbers
     state.last_loss = loss
     overflow = state.precision.scaler is not None and not math.isfinite(grad_norm)
