@@ -104,6 +104,8 @@ def describe_validation_error(exc: ValidationError) -> str:
         if err["type"] == "extra_forbidden":
             parent = ".".join(str(p) for p in err["loc"][:-1])
             lines.append(f"  {key}: unknown key; allowed: {', '.join(_allowed_keys(parent))}")
+        elif not err["loc"]:  # a check across sections: its message names the keys; the input is the whole config
+            lines.append(f"  {err['msg'].removeprefix('Value error, ')}")
         else:
             given = err.get("input")
             lines.append(f"  {key} = {given!r}: {err['msg']}")
