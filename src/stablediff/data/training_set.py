@@ -39,7 +39,7 @@ from stablediff.data.validate import (
 )
 from stablediff.errors import DataError
 
-DEFAULT_HELD_OUT_FRACTION = 0.05  # data.held_out_fraction's default: one sample in twenty
+DEFAULT_HELD_OUT_FRACTION: float = DataConfig.model_fields["held_out_fraction"].default  # one in twenty
 _HASH_QUOTIENTS = 2**32 // 20 + 1  # more than the largest 32-bit value // 20: scales it into [0, 1)
 
 
