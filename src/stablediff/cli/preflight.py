@@ -24,12 +24,17 @@ def check_folder_target(path: Path, what: str) -> None:
 
 
 def check_run_inputs(config, run_dir: Path) -> None:
-    """The run directory can be a folder and `data.source` opens (it exists and its format is known)."""
+    """The run directory can be a folder and `data.source` (and `data.validation_source`) open: they exist,
+    their format is known, a built-in selector is valid."""
     from stablediff.data.sources import SourceError, open_source
 
     check_folder_target(run_dir, "the run directory")
-    try:
-        open_source(config.data.source, config.data.caption_policy)  # cheap: finds files, reads none
-    except SourceError as exc:
-        raise UserError(f"{exc}. Nothing was started; fix data.source (in the config or with "
-                        f"--set data.source=PATH)") from None
+    sources = {"data.source": config.data.source, "data.validation_source": config.data.validation_source}
+    for key, spec in sources.items():
+        if spec is None:
+            continue
+        try:
+            open_source(spec, config.data.caption_policy)  # cheap: finds files, reads none
+        except SourceError as exc:
+            raise UserError(f"{exc}. Nothing was started; fix {key} (in the config or with "
+                            f"--set {key}=PATH)") from None

@@ -62,6 +62,13 @@ class DataConfig(Section):
     resolution: int = Field(32, ge=8, description="side of the square training images, in pixels")
     caption_dropout: float = Field(0.1, ge=0.0, le=1.0, description="share of captions replaced by '' (for CFG)")
     max_reject_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    held_out_fraction: float = Field(
+        0.05, ge=0.0, le=0.5, description="share of data.source's samples held out for the validation loss "
+        "and the autoencoder's report, chosen by content hash (the same ones every run); 0: none. The "
+        "built-in digits keep their fixed 20% split")
+    validation_source: str | None = Field(
+        None, description="a second source (any spec data.source takes) whose images are the held-out set; "
+        "then nothing of data.source is held out (for sets too small to split)")
     max_aspect: float = Field(20.0, ge=1.0, description="longer side / shorter side past which an image is "
                               "rejected (reason max_aspect) before it is decoded or resized")
     allow_outside_paths: bool = Field(False, description="let a table's image paths (parquet, arrow, "
@@ -94,6 +101,11 @@ class DataConfig(Section):
             raise ValueError("data.buckets: give at least one [width, height] pair, sides 8 pixels or more, "
                              "or 'auto'")
         return self
+
+    def holds_out_images(self) -> bool:
+        """Whether a run has held-out images to validate on (the digits' train split has its fixed 20%)."""
+        fixed_split = self.source == "builtin:digits" or self.source.startswith("builtin:digits?")
+        return fixed_split or self.held_out_fraction > 0 or self.validation_source is not None
 
 
 class TextEncoderConfig(Section):
@@ -272,4 +284,13 @@ class RunConfig(Section):
     @model_validator(mode="after")
     def _early_stopping_has_its_metric(self) -> "RunConfig":
         check_early_stopping(self.early_stopping, self.train.validate_every)
+        return self
+
+    @model_validator(mode="after")
+    def _validation_needs_held_out_images(self) -> "RunConfig":
+        if self.train.validate_every and not self.data.holds_out_images():
+            raise ValueError(f"train.validate_every = {self.train.validate_every} needs held-out images, but "
+                             "data.held_out_fraction is 0 and there is no data.validation_source; give "
+                             "data.validation_source (a folder of validation images), raise "
+                             "data.held_out_fraction, or unset train.validate_every")
         return self

@@ -2,7 +2,7 @@
 
 `open_source(spec)` picks the format from the spec:
 
-- `builtin:digits` (or `builtin:digits:held_out`)
+- `builtin:digits` (or `builtin:digits:held_out`), with a selector such as `?digits=9&count=20` (see `builtin.py`)
 - a `.tar` / `.tar.gz` shard, a glob or a `{000..009}` brace pattern of them (webdataset)
 - a `.parquet` file or a glob of them
 - a folder written by `datasets`' `save_to_disk` (has `state.json` or `dataset_dict.json`)
