@@ -26,10 +26,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, write_result  # noqa: E402
 
+TOKEN = "<nine>"
 METHODS = {
     "lora": [],
     "full": ["--set", "finetune.method=full", "--set", "train.learning_rate=2e-4"],
+    "textual_inversion": ["--set", "finetune.method=textual_inversion", "--set", f"finetune.token={TOKEN}",
+                          "--set", "finetune.init_token=eight", "--set",
+                          f"finetune.instance_prompt=a handwritten digit {TOKEN}", "--set", "train.learning_rate=5e-3"],
 }
+PROMPTS = {"textual_inversion": {9: f"a handwritten digit {TOKEN}"}}  # the nine is asked for by the new word
 
 
 def cli(*args: str) -> float:
@@ -39,11 +44,11 @@ def cli(*args: str) -> float:
     return time.perf_counter() - started
 
 
-def adherence_of(run_dir: Path, per_digit: int) -> dict:
+def adherence_of(run_dir: Path, per_digit: int, prompts: dict | None = None) -> dict:
     from stablediff.evaluation.adherence import generated_adherence
     from stablediff.models.run_export import pipeline_from_run
 
-    report = generated_adherence(pipeline_from_run(run_dir), range(10), per_digit)
+    report = generated_adherence(pipeline_from_run(run_dir), range(10), per_digit, prompts=prompts)
     nines = report.per_digit[9]
     others = sum(report.per_digit[d] for d in range(9)) / 9
     return {"nine": nines, "zero_to_eight": others, "per_digit": report.per_digit, "count": report.count,
@@ -78,7 +83,8 @@ def main() -> None:
         seconds = cli("finetune", "digits-lora-nine", "--run-dir", str(run_dir), "--set", f"finetune.base={base}",
                       *METHODS[method])
         ckpt = checkpoint_bytes(run_dir)
-        result[method] = {"seconds": seconds, **adherence_of(run_dir, args.per_digit), "checkpoint": ckpt,
+        result[method] = {"seconds": seconds, **adherence_of(run_dir, args.per_digit, PROMPTS.get(method)),
+                          "checkpoint": ckpt,
                           "share_of_full_checkpoint": ckpt["new_per_save"] / full_bytes}
     print(markdown(json.loads(write_result("finetune_digits", result).read_text())))
 

@@ -49,8 +49,10 @@ def adherence(images: np.ndarray, requested: np.ndarray, resolution: int = 32) -
 
 def generated_adherence(pipe, digits: Iterable[int], per_digit: int, *, steps: int = 20, guidance_scale: float = 3.0,
                         seed: int = 1000, resolution: int = 32,
-                        stop: Callable[[], None] | None = None) -> AdherenceReport:
-    """`per_digit` images of "a handwritten digit <word>" for each digit (seeds from `seed`), classified."""
+                        stop: Callable[[], None] | None = None,
+                        prompts: dict[int, str] | None = None) -> AdherenceReport:
+    """`per_digit` images of "a handwritten digit <word>" (or `prompts[digit]`) for each digit (seeds from
+    `seed`), classified."""
     from stablediff.data.digits import NUMBER_WORDS
     from stablediff.inference.pipeline import images_to_array, txt2img
 
@@ -58,7 +60,8 @@ def generated_adherence(pipe, digits: Iterable[int], per_digit: int, *, steps: i
     for digit in digits:
         if stop is not None:
             stop()
-        batch = txt2img(pipe, f"a handwritten digit {NUMBER_WORDS[digit]}", steps=steps,
+        prompt = (prompts or {}).get(digit, f"a handwritten digit {NUMBER_WORDS[digit]}")
+        batch = txt2img(pipe, prompt, steps=steps,
                         guidance_scale=guidance_scale, seed=seed, num=per_digit)
         images += batch
         requested += [digit] * len(batch)
