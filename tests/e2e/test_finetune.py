@@ -140,3 +140,31 @@ def test_a_missing_base_is_named(tmp_path):
     assert result.returncode == 1
     assert "nowhere.safetensors does not exist" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_the_exported_lora_loads_in_diffusers_and_gives_the_fine_tunes_image(early_stopped, tiny_run):
+    """diffusers' own load_lora_weights on our kohya file == the run's adapters merged by stablediff."""
+    import numpy as np
+
+    from stablediff.inference.pipeline import txt2img
+    from stablediff.models.pipeline_assembly import load_pipeline_folder
+    from stablediff.models.run_export import pipeline_from_run
+
+    run_dir, _ = early_stopped
+    exported = run_cli("ckpt", "export", str(run_dir))  # a LoRA run's default: the kohya file of the best step
+    assert exported.returncode == 0, exported.stderr
+    lora_file = run_dir / "export" / "step-000002-ema-lora.safetensors"
+    checked = run_cli("lora", "check", str(lora_file), "--base", str(tiny_run / "export" / "diffusers"))
+    assert "ComfyUI: 96 keys load, 0 skipped" in checked.stdout and "diffusers: 96 keys load, 0 skipped" in checked.stdout
+
+    def image(pipe):
+        return np.asarray(txt2img(pipe, "a handwritten digit one", steps=3, seed=5)[0], dtype=np.int16)
+
+    base = load_pipeline_folder(tiny_run / "export" / "diffusers")
+    plain = image(base)
+    base.load_lora_weights(str(lora_file))
+    with_lora = image(base)
+    merged = image(pipeline_from_run(run_dir))
+    assert np.abs(with_lora - merged).max() <= 1
+    assert np.abs(with_lora - plain).max() > 0  # the LoRA does change the image

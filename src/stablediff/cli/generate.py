@@ -93,8 +93,19 @@ class GenerationOptions:
         return GenerationRequest(prompt, negative_prompt=self.negative, steps=self.steps, sampler=self.sampler,
                                  guidance_scale=self.guidance, seed=self.seed, num=self.num,
                                  size=parse_size(self.size), strength=self.strength,
-                                 loras=tuple(parse_lora_arg(text) for text in self.loras),
+                                 loras=tuple(parse_lora_arg(run_lora(text)) for text in self.loras),
                                  embeddings=tuple(parse_embedding_arg(text, trust_pickle) for text in self.embeddings))
+
+
+def run_lora(text: str) -> str:
+    """`--lora RUN_DIR[:SCALE]`: a fine-tune run stands for its best checkpoint's LoRA file."""
+    head, sep, tail = text.rpartition(":")
+    path, scale = (head, sep + tail) if sep and head and Path(head).is_dir() else (text, "")
+    if not (Path(path) / "checkpoints" / "manifests").is_dir():
+        return text
+    from stablediff.finetune.lora_files import run_lora_file
+
+    return f"{run_lora_file(Path(path))}{scale}"
 
 
 GENERATION_OPTIONS = (
@@ -112,7 +123,8 @@ GENERATION_OPTIONS = (
     click.option("--strength", default=None, type=float, help="img2img/inpaint: how much to redraw, 0-1 [0.75]."),
     click.option("--mask", type=click.Path(path_type=Path), default=None,
                  help="Inpaint: white = redraw, black = keep (needs --init)."),
-    click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]", help="A LoRA to apply (repeatable)."),
+    click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]",
+                 help="A LoRA file, or a LoRA fine-tune's run directory (its best checkpoint), to apply (repeatable)."),
     click.option("--embedding", "embeddings", multiple=True, metavar="FILE",
                  help="A textual-inversion embedding (repeatable); its file name stem is the prompt word."),
 )

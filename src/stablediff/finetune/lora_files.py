@@ -188,3 +188,14 @@ def load_lora_checkpoint(run_dir: Path, step: int | None = None, best: bool = Fa
     store, replicas = open_run_store(Path(run_dir))
     chosen = choose_step(store, step, best, Path(run_dir), prefer_best=is_finetune_run(run_dir))
     return store.load(chosen, fallbacks=replicas)
+
+
+def run_lora_file(run_dir: Path) -> Path:
+    """A fine-tune run's LoRA as a kohya file (`generate --lora RUN_DIR`): its best checkpoint's, written
+    once into RUN_DIR/export (atomically, so a file that is there is whole) and reused after."""
+    loaded = load_lora_checkpoint(run_dir)
+    out = Path(run_dir) / "export" / f"step-{loaded.step:06d}-ema-lora.safetensors"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_kohya_lora(loaded, out, f"{run_dir} step {loaded.step}")
+    return out
