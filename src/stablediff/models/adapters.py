@@ -48,23 +48,23 @@ def load_trained(model: torch.nn.Module, tensors: dict[str, torch.Tensor], sourc
 
 @torch.no_grad()
 def merged_copy(model: torch.nn.Module, scale: float = 1.0) -> torch.nn.Module:
-    """A plain copy of a LoRA'd diffusers model with its adapters merged at `scale` (W + scale * alpha/r * BA).
+    """A plain copy of a LoRA'd diffusers model with its adapters merged at `scale`.
 
-    The copy has the base class and config and no peft layers, so it saves like any model."""
+    peft's own merge does the arithmetic (W + scale * alpha/r * BA, and DoRA's magnitude
+    normalisation); the copy has the base class and config and no peft layers, so it saves like
+    any model. `model` itself is left as it was."""
+    import copy
+
     from peft.tuners.lora import LoraLayer
 
-    deltas = {}
-    for name, module in model.named_modules():
+    work = copy.deepcopy(model)
+    for module in work.modules():
         if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
-            deltas[f"{name}.weight"] = module.get_delta_weight(ADAPTER) * scale
+            module.set_scale(ADAPTER, scale)
+            module.merge(adapter_names=[ADAPTER])
+    state = {name.replace(".base_layer.", "."): value for name, value in work.state_dict().items()
+             if "lora_" not in name}
     plain = type(model).from_config(model.config)
-    state = {}
-    for name, value in model.state_dict().items():
-        if "lora_" in name:
-            continue
-        state[name.replace(".base_layer.", ".")] = value
-    for name, delta in deltas.items():
-        state[name] = state[name] + delta.to(state[name].dtype)
     plain.load_state_dict(state)
     dtype = next(model.parameters()).dtype
     return (plain if plain.dtype == dtype else plain.to(dtype)).eval()  # .to() only when needed: diffusers warns
