@@ -2,6 +2,8 @@
 
 from stablediff.version import __version__
 
+__all__ = ["__version__"]
+
 import logging as _logging
 
 # diffusers imports bitsandbytes (a dependency, for train.optimizer adamw8bit) whenever it loads a model;

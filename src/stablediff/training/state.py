@@ -50,17 +50,7 @@ def capture(state, vae: torch.nn.Module | None, config_dump: dict, fingerprints:
 
     `other_ranks_rng`: (tensors, meta) of `local_rng()` from ranks 1..N-1 under torchrun.
     """
-    tensors: dict[str, torch.Tensor] = {}
-    if vae is not None:  # pixel-space models have none
-        tensors.update(schema.prefixed(schema.VAE, vae.state_dict()))
-    unet, ema = state.unet.state_dict(), state.ema.state_dict()
-    if state.trained_only:  # a fine-tune: the frozen rest is its base (RUN_DIR/base), not checkpoint bytes
-        names = set(trained_tensors(state.unet))
-        unet, ema = ({k: v for k, v in sd.items() if k in names} for sd in (unet, ema))
-    tensors.update(schema.prefixed(schema.UNET, unet))
-    tensors.update(schema.prefixed(schema.EMA, ema))
-    if state.live_text is not None:
-        tensors.update(schema.prefixed(schema.EMBEDDING, state.live_text.state_dict()))
+    tensors = model_tensors(state, vae)
     optim_tensors, optim_meta = optimizer_snapshot(schema.OPTIM, state.optimizer)
     tensors.update(optim_tensors)
     rng_tensors, rng_meta = local_rng()
@@ -85,6 +75,23 @@ def capture(state, vae: torch.nn.Module | None, config_dump: dict, fingerprints:
         **state.extra,
     }
     return tensors, meta
+
+
+def model_tensors(state, vae: torch.nn.Module | None) -> dict[str, torch.Tensor]:
+    """vae/*, unet/*, ema/* and, with textual inversion, embedding/*. A fine-tune (`trained_only`) keeps only
+    what trains: the frozen rest is its base (RUN_DIR/base), not checkpoint bytes."""
+    tensors: dict[str, torch.Tensor] = {}
+    if vae is not None:  # pixel-space models and fine-tunes have none
+        tensors.update(schema.prefixed(schema.VAE, vae.state_dict()))
+    unet, ema = state.unet.state_dict(), state.ema.state_dict()
+    if state.trained_only:
+        names = set(trained_tensors(state.unet))
+        unet, ema = ({k: v for k, v in sd.items() if k in names} for sd in (unet, ema))
+    tensors.update(schema.prefixed(schema.UNET, unet))
+    tensors.update(schema.prefixed(schema.EMA, ema))
+    if state.live_text is not None:
+        tensors.update(schema.prefixed(schema.EMBEDDING, state.live_text.state_dict()))
+    return tensors
 
 
 def local_rng() -> tuple[dict[str, torch.Tensor], dict]:
