@@ -29,6 +29,7 @@ from _common import REPO, write_result  # noqa: E402
 TOKEN = "<nine>"
 METHODS = {
     "lora": [],
+    "lora_rank8": ["--set", "finetune.lora.rank=8", "--set", "finetune.lora.alpha=8"],
     "full": ["--set", "finetune.method=full", "--set", "train.learning_rate=2e-4"],
     "textual_inversion": ["--set", "finetune.method=textual_inversion", "--set", f"finetune.token={TOKEN}",
                           "--set", "finetune.init_token=eight", "--set",
@@ -97,7 +98,7 @@ def markdown(result: dict) -> str:
              "|---|---|---|---|---|",
              f"| base (digits-0to8) | {base['nine']:.1%} | {base['zero_to_eight']:.1%} | {base['seconds'] / 60:.1f} min "
              "| (full checkpoint: {:.1f} MiB) |".format(base["checkpoint"]["first"] / 2**20)]
-    for method in (m for m in result if m in METHODS):
+    for method in (m for m, r in result.items() if m != "base" and isinstance(r, dict) and "nine" in r):
         r = result[method]
         lines.append(f"| {method} on 20 nines | {r['nine']:.1%} | {r['zero_to_eight']:.1%} | "
                      f"{r['seconds'] / 60:.1f} min | {r['checkpoint']['new_per_save'] / 2**10:.0f} KiB "
