@@ -38,8 +38,8 @@ def resolve_targets(targets: str | list[str], model: torch.nn.Module) -> list[st
     if missing and not preset:
         examples = sorted({_short_suffix(name) for name in layers})[:30]
         raise ConfigError(f"finetune.lora.targets: {', '.join(map(repr, missing))}: no Linear or Conv2d layer "
-                          f"of the base UNet has that name; layer names end in e.g. {', '.join(examples)}. Give module-name "
-                          "suffixes such as to_q or ff.net.2, or a preset: attn, attn+ff, all-linear, conv")
+                          f"of the base UNet has that name; layer names end in e.g. {', '.join(examples)}. Give "
+                          "module-name suffixes such as to_q or ff.net.2, or a preset: attn, attn+ff, all-linear, conv")
     found = [s for s in suffixes if s not in missing]  # a preset names what SD UNets have; small ones lack some
     if not found:
         raise ConfigError(f"finetune.lora.targets: the preset {targets!r} matches no layer of the base UNet")
