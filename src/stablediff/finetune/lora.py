@@ -21,6 +21,12 @@ def _matches(name: str, suffix: str) -> bool:
     return name == suffix or name.endswith("." + suffix)
 
 
+def _short_suffix(name: str) -> str:
+    """The name's last part, with its parent when that part is an index (`to_out.0`, not `0`)."""
+    parts = name.split(".")
+    return ".".join(parts[-2:]) if len(parts) > 1 and parts[-1].isdigit() else parts[-1]
+
+
 def resolve_targets(targets: str | list[str], model: torch.nn.Module) -> list[str]:
     """The module-name suffixes to adapt; each must match a Linear/Conv2d of `model`."""
     layers = {name: module for name, module in model.named_modules() if isinstance(module, ADAPTABLE)}
@@ -30,10 +36,10 @@ def resolve_targets(targets: str | list[str], model: torch.nn.Module) -> list[st
     missing = [s for s in suffixes if not any(_matches(name, s) for name in layers)]
     preset = isinstance(targets, str)
     if missing and not preset:
-        examples = sorted({name.rsplit(".", 1)[-1] for name in layers})[:12]
+        examples = sorted({_short_suffix(name) for name in layers})[:30]
         raise ConfigError(f"finetune.lora.targets: {', '.join(map(repr, missing))}: no Linear or Conv2d layer "
-                          f"of the base UNet has that name; layer names end in e.g. {', '.join(examples)}. Give module-name "
-                          "suffixes such as to_q or ff.net.2, or a preset: attn, attn+ff, all-linear, conv")
+                          f"of the base UNet has that name; layer names end in e.g. {', '.join(examples)}. Give "
+                          "module-name suffixes such as to_q or ff.net.2, or a preset: attn, attn+ff, all-linear, conv")
     found = [s for s in suffixes if s not in missing]  # a preset names what SD UNets have; small ones lack some
     if not found:
         raise ConfigError(f"finetune.lora.targets: the preset {targets!r} matches no layer of the base UNet")

@@ -1,0 +1,109 @@
+"""LoRA targets (finetune/lora.py) on the tiny UNet and on a weightless SD 1.5-shaped one; the adapters attached.
+
+(Named test_finetune_lora, not test_lora: tests/inference/test_lora.py has that basename.)
+"""
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from stablediff.config.finetune import ATTENTION, CONVOLUTIONS, FEED_FORWARD, LoraSettings
+from stablediff.config.schema import UNET_PRESETS
+from stablediff.errors import ConfigError
+from stablediff.finetune.lora import add_lora, lora_config, resolve_targets
+from tests.models.tiny_sd import tiny_unet
+
+
+def sd15_on_meta() -> UNet2DConditionModel:
+    """SD 1.5's UNet shape (860M parameters) without its memory: every tensor on the meta device."""
+    with torch.device("meta"):
+        return UNet2DConditionModel(sample_size=64, cross_attention_dim=768, **UNET_PRESETS["sd15"])
+
+
+@pytest.fixture(scope="module", params=["tiny", "sd15"])
+def unet(request) -> UNet2DConditionModel:
+    return tiny_unet() if request.param == "tiny" else sd15_on_meta()
+
+
+def adaptable(model) -> dict[str, torch.nn.Module]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+
+
+@pytest.mark.parametrize("preset, expected", [("attn", ATTENTION), ("attn+ff", ATTENTION + FEED_FORWARD),
+                                              ("conv", ATTENTION + FEED_FORWARD + CONVOLUTIONS)])
+def test_presets_resolve_to_suffixes_that_each_name_layers(unet, preset, expected):
+    targets = resolve_targets(preset, unet)
+    assert targets == list(expected)
+    layers = adaptable(unet)
+    for suffix in targets:
+        assert any(name == suffix or name.endswith("." + suffix) for name in layers), suffix
+
+
+def test_all_linear_is_every_linear_layer(unet):
+    targets = resolve_targets("all-linear", unet)
+    linear = sorted(n for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear))
+    assert targets == linear and "time_embedding.linear_1" in targets
+    assert not any(isinstance(dict(unet.named_modules())[t], torch.nn.Conv2d) for t in targets)
+
+
+def test_a_sd15_unet_gets_the_counts_of_layers_kohya_users_expect():
+    unet = sd15_on_meta()
+    attn = [n for n in adaptable(unet) if n.endswith(".to_q")]
+    assert len(attn) == 32  # 16 transformer blocks, each with self- and cross-attention
+
+
+def test_a_target_that_does_not_exist_names_it_and_real_layer_names(unet):
+    with pytest.raises(ConfigError) as error:
+        resolve_targets(["to_q", "to_qkv"], unet)
+    message = str(error.value)
+    assert "'to_qkv'" in message and "'to_q'" not in message and "to_k" in message, message
+    assert "to_out.0" in message and " 0," not in message  # whole suffixes a user can write, not bare indices
+
+
+def test_a_preset_that_matches_nothing_is_an_error():
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1))
+    with pytest.raises(ConfigError, match="'attn' matches no layer"):
+        resolve_targets("attn", plain)
+
+
+def test_lora_config_carries_the_settings():
+    settings = LoraSettings(rank=4, targets=["to_q", "to_v"], init="gaussian", dora=True, dropout=0.1)
+    config = lora_config(settings, tiny_unet())
+    assert config == {"r": 4, "lora_alpha": 4.0, "lora_dropout": 0.1, "target_modules": ["to_q", "to_v"],
+                      "init_lora_weights": "gaussian", "use_dora": True}
+    assert lora_config(LoraSettings(rank=4, alpha=2), tiny_unet())["lora_alpha"] == 2.0
+
+
+def unet_output(unet) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, 8, 8, generator=generator)
+    text = torch.randn(1, 3, 384, generator=generator)
+    with torch.no_grad():
+        return unet(latents, torch.tensor([10]), encoder_hidden_states=text).sample
+
+
+def test_add_lora_trains_only_adapters_starts_at_the_base_and_is_seeded():
+    plain = tiny_unet()
+    before = unet_output(plain)
+    a, b = tiny_unet(), tiny_unet()
+    config = add_lora(a, LoraSettings(rank=2, targets="attn+ff"), seed=5)
+    add_lora(b, LoraSettings(rank=2, targets="attn+ff"), seed=5)
+    trains = [n for n, p in a.named_parameters() if p.requires_grad]
+    assert trains and all(".lora_A." in n or ".lora_B." in n for n in trains)
+    assert any("ff.net.2.lora_A" in n for n in trains) and config["target_modules"][-1] == "ff.net.2"
+    assert torch.equal(unet_output(a), before)  # B starts at zero: the adapted model is the base
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(pa, pb), name
+    c = tiny_unet()
+    add_lora(c, LoraSettings(rank=2, targets="attn+ff"), seed=6)
+    lora_a = [n for n in trains if ".lora_A." in n][0]
+    assert not torch.equal(dict(a.named_parameters())[lora_a], dict(c.named_parameters())[lora_a])
+
+
+def test_conv_preset_adapts_convolutions_of_a_sd15_unet_on_meta():
+    unet = sd15_on_meta()
+    add_lora(unet, LoraSettings(rank=4, targets="conv"), seed=0)
+    trains = [n for n, p in unet.named_parameters() if p.requires_grad]
+    assert any(n.startswith("down_blocks.0.resnets.0.conv1.lora_A") for n in trains)
+    assert any("upsamplers.0.conv.lora_B" in n for n in trains)
+    assert all("lora_" in n for n in trains)
