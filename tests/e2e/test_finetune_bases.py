@@ -4,6 +4,7 @@ The bases: a diffusers folder (MiniLM text encoder), an SD 1.x single file with 
 stablediff run (`tiny_run`). Each fine-tunes 2 LoRA steps on a few digits with the tiny recipe.
 """
 
+import json
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,9 @@ def test_finetune_export_generate(bases, kind, tmp_path):
                    "--set", "train.max_steps=2", "--set", "data.limit=8", "--set", "sample.per_prompt=1")
     assert f"base: copying {bases[kind].resolve()}" in said and "trainable parameters: " in said
     assert (run_dir / "base" / "model_index.json").is_file() and "done: final loss" in said
+    manifest = json.loads((run_dir / "checkpoints" / "manifests" / f"{2:012d}.json").read_text())
+    weights = [name for name in manifest["tensors"] if name.startswith(("unet/", "ema/"))]
+    assert weights and all(".lora_" in name for name in weights)  # a LoRA checkpoint holds only the adapters
     said = succeed("ckpt", "export", run_dir, "--format", "diffusers", "--out", export)
     assert "from step 2" in said and (export / "model_index.json").is_file()
     assert not list(export.rglob("*lora*"))  # the adapters are merged into a plain pipeline

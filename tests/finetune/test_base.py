@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from stablediff.errors import ConfigError, MissingPathError, ModelFileError, UserError
+from stablediff.errors import CheckpointError, ConfigError, MissingPathError, ModelFileError, UserError
 from stablediff.finetune.base import load_base, load_saved_base, parse_base, save_base
 from stablediff.models.pipeline_assembly import assemble_pipeline
 from stablediff.models.single_file_pipeline import save_single_file
@@ -114,6 +114,13 @@ def test_load_base_from_a_stablediff_run_and_its_steps(tiny_run):
     by_step = load_base(f"{tiny_run}@{latest.record['step']}")
     assert_same_tensors(by_step.pipe.unet.state_dict(), latest.pipe.unet.state_dict())
     assert base.pipe.unet.config.cross_attention_dim == base.pipe.text_encoder.config.hidden_size
+
+
+@pytest.mark.parametrize("selector, words", [("best", ("records val_loss",)), ("3", ("step 3", "available steps"))])
+def test_load_base_a_checkpoint_the_run_does_not_have(tiny_run, selector, words):
+    with pytest.raises(CheckpointError) as error:
+        load_base(f"{tiny_run}@{selector}")
+    assert_one_paragraph(error, f"finetune.base {tiny_run}@{selector}: ", *words, "RUN_DIR@latest")
 
 
 def test_load_base_refuses_another_pipeline_class(tmp_path):

@@ -18,7 +18,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from stablediff.errors import ConfigError, MissingPathError, ModelFileError
+from stablediff.errors import CheckpointError, ConfigError, MissingPathError, ModelFileError
 from stablediff.io.pickle_guard import MODEL_FILE_SUFFIXES
 from stablediff.models.finetuned_run import BASE_FOLDER, BASE_RECORD
 
@@ -102,7 +102,12 @@ def _run_pipeline(parsed: BaseSpec, trust_pickle: bool):
 
     selector = parsed.selector
     step = int(selector) if selector is not None and selector.isdigit() else None
-    loaded = load_run_checkpoint(parsed.path, step, best=selector == "best", prefer_best=selector is None)
+    try:
+        loaded = load_run_checkpoint(parsed.path, step, best=selector == "best", prefer_best=selector is None)
+    except CheckpointError as exc:  # its hints name ckpt export's flags; say which finetune.base forms exist
+        named = f"{parsed.path}@{selector}" if selector else str(parsed.path)
+        raise CheckpointError(f"finetune.base {named}: {str(exc).rstrip('.')}. In finetune.base that is "
+                              "RUN_DIR@STEP, RUN_DIR@latest, or RUN_DIR alone (the best, else the newest).") from None
     pipe = pipeline_from_checkpoint(loaded, ema=True, trust_pickle=trust_pickle,
                                     source=f"{parsed.path} step {loaded.step}", run_dir=parsed.path)
     return pipe, loaded.step
