@@ -15,6 +15,7 @@ from pathlib import Path
 from stablediff import run_schema as schema
 from stablediff.errors import ConfigError
 from stablediff.finetune.base import BASE_FOLDER, Base, load_saved_base, save_base
+from stablediff.finetune.dreambooth import add_class_images, with_prior_weights
 from stablediff.finetune.live_captions import make_live_captions
 from stablediff.finetune.freeze import format_report, trainable_report
 from stablediff.finetune.plan import FinetunePlan
@@ -53,6 +54,7 @@ def build_finetune(run: RunContext, resume, trust_pickle: bool, device, check, *
     config, run_dir = run.config, run.run_dir
     seed_everything(config.seed)
     loaded = with_instance_prompt(load_training_images(config, run_dir), config.finetune.instance_prompt)
+    loaded, prior = add_class_images(config, run_dir, loaded, base, device, say)  # DreamBooth: + class images
     text_encoder = pipeline_text_encoder(base.pipe, run_dir / BASE_FOLDER)
     fingerprints = {"code": train_state.code_fingerprint(),
                     "data": train_state.data_fingerprint(loaded.images, loaded.captions),
@@ -60,7 +62,7 @@ def build_finetune(run: RunContext, resume, trust_pickle: bool, device, check, *
     if check is not None:
         check.check_fingerprints(fingerprints)
     vae = base.pipe.vae.eval().requires_grad_(False)
-    data = encode_features(config, run_dir, vae, loaded, text_encoder)
+    data = with_prior_weights(encode_features(config, run_dir, vae, loaded, text_encoder), prior)
     state = trainable_state(run, base, loaded, len(data), data.order_bucket_ids, device)
     started = resume.meta.get(schema.TRAINING_STARTED_AT) if resume is not None else None
     state.extra[schema.TRAINING_STARTED_AT] = started or time.time()

@@ -57,3 +57,8 @@ def caption_rows(caption_ids: list[list[int]], indices: torch.Tensor, caption_dr
         options = caption_ids[sample]
         rows.append(0 if dropped[i] else options[int(choice[i] * len(options))])
     return torch.tensor(rows)
+
+
+def batch_weights(data: EncodedDataset, indices: torch.Tensor) -> torch.Tensor | None:
+    """The batch's per-sample loss weights (B,), or None when the data carries none (every weight 1)."""
+    return None if data.weights is None else data.weights[indices]

@@ -45,6 +45,7 @@ class EncodedDataset:
     embeddings: torch.Tensor  # (U, L, D): row 0 is the empty caption (for CFG dropout)
     caption_ids: list[list[int]]  # per sample, rows of `embeddings` it may be captioned with
     bucketed: bool = False  # batches must be drawn one bucket at a time (`BucketBatchOrder`)
+    weights: torch.Tensor | None = None  # (N,) per-sample loss weights (DreamBooth's prior); None: all 1
 
     @classmethod
     def single(cls, latent_mean: torch.Tensor, latent_std: torch.Tensor, embeddings: torch.Tensor,

@@ -79,11 +79,16 @@ def sample_timesteps(batch_size: int, num_train_timesteps: int, generator: torch
 
 def diffusion_loss(unet: torch.nn.Module, scheduler: DDPMScheduler, latents: torch.Tensor,
                    text_embeddings: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
-                   prediction_type: str, weighting: str = "uniform", snr_gamma: float = 5.0) -> torch.Tensor:
+                   prediction_type: str, weighting: str = "uniform", snr_gamma: float = 5.0,
+                   sample_weights: torch.Tensor | None = None) -> torch.Tensor:
     """The scalar training loss: the mean over the batch of weighted per-sample MSE.
 
     With weighting="uniform" this is plain MSE between the prediction and its target.
+    `sample_weights` (B,) multiply each sample's loss before the mean (DreamBooth's prior_loss_weight on
+    the class images); None is all ones and computes exactly what it did without them.
     """
     weights = loss_weights(scheduler, timesteps, prediction_type, weighting, snr_gamma)
+    if sample_weights is not None:
+        weights = weights * sample_weights.to(weights.device, weights.dtype)
     losses = per_sample_loss(unet, scheduler, latents, text_embeddings, noise, timesteps, prediction_type)
     return (losses * weights.to(losses.device)).mean()

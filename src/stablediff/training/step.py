@@ -26,14 +26,18 @@ class StepBatch:
     text_embeddings: torch.Tensor  # (N, L, D)
     noise: torch.Tensor  # like latents
     timesteps: torch.Tensor  # (N,)
+    weights: torch.Tensor | None = None  # (N,) per-sample loss weights (DreamBooth's class images); None: all 1
 
     def to(self, device: torch.device, channels_last: bool = False) -> "StepBatch":
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         return StepBatch(self.latents.to(device, memory_format=fmt), self.text_embeddings.to(device),
-                         self.noise.to(device, memory_format=fmt), self.timesteps.to(device))
+                         self.noise.to(device, memory_format=fmt), self.timesteps.to(device),
+                         None if self.weights is None else self.weights.to(device))
 
     def split(self, parts: int) -> list["StepBatch"]:
         fields = (self.latents, self.text_embeddings, self.noise, self.timesteps)
+        if self.weights is not None:
+            fields += (self.weights,)
         return [StepBatch(*chunk) for chunk in zip(*(f.chunk(parts) for f in fields))]
 
 
@@ -64,7 +68,8 @@ def accumulate_gradients(unet: torch.nn.Module, scheduler, batch: StepBatch, cfg
             with precision.autocast():
                 loss = objectives.diffusion_loss(
                     unet, scheduler, micro.latents, micro.text_embeddings, micro.noise, micro.timesteps,
-                    cfg.prediction_type, weighting=cfg.loss_weighting, snr_gamma=cfg.snr_gamma)
+                    cfg.prediction_type, weighting=cfg.loss_weighting, snr_gamma=cfg.snr_gamma,
+                    sample_weights=micro.weights)
             # Each micro-batch's mean is weighted by its share of the step's samples.
             share = len(micro.latents) / len(batch.latents)
             precision.backward(loss * share)

@@ -21,7 +21,7 @@ from stablediff.config.schema import GuardConfig, TrainConfig
 from stablediff.data.order import BatchOrder, BucketBatchOrder, make_batch_order
 from stablediff.errors import UserError
 from stablediff.training.ema import EMA
-from stablediff.training.batches import draw_batch
+from stablediff.training.batches import batch_weights, draw_batch
 from stablediff.training.context import RunContext
 from stablediff.training.encoded_dataset import EncodedDataset
 from stablediff.training.lr_schedule import lr_multiplier
@@ -158,7 +158,8 @@ def next_step_batch(state: UNetTrainState, data: EncodedDataset, noise_scheduler
     latents, text_embeddings = draw_batch(data, indices, scaling_factor, data_cfg.caption_dropout, seed,
                                           draw_step, rank, data_cfg.flip_probability, embed)
     noise, timesteps = draw_noise(latents, noise_scheduler.config.num_train_timesteps, cfg, seed, draw_step, rank)
-    batch = StepBatch(latents, text_embeddings, noise, timesteps).to(state.precision.device, cfg.channels_last)
+    batch = StepBatch(latents, text_embeddings, noise, timesteps, batch_weights(data, indices))
+    batch = batch.to(state.precision.device, cfg.channels_last)
     return batch, len(indices)
 
 
