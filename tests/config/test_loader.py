@@ -70,7 +70,7 @@ def test_missing_config_file_is_a_clear_error():
 
 
 def test_an_unknown_recipe_name_lists_the_bundled_ones():
-    with pytest.raises(ConfigError, match=r"bundled recipes: digits, sd15, tiny"):
+    with pytest.raises(ConfigError, match=r"bundled recipes: digits, digits-0to8, digits-lora-nine, sd15, sd15-dreambooth, sd15-lora, tiny"):
         load_config("tinny")
 
 
