@@ -168,3 +168,13 @@ def test_the_exported_lora_loads_in_diffusers_and_gives_the_fine_tunes_image(ear
     merged = image(pipeline_from_run(run_dir))
     assert np.abs(with_lora - merged).max() <= 1
     assert np.abs(with_lora - plain).max() > 0  # the LoRA does change the image
+
+
+@pytest.mark.slow
+def test_generate_takes_a_lora_run_directory_as_its_best_lora_file(early_stopped, tiny_run, tmp_path):
+    run_dir, _ = early_stopped
+    result = run_cli("generate", str(tiny_run), "a handwritten digit one", "--steps", "2",
+                     "--lora", f"{run_dir}:0.5", "--out", str(tmp_path / "g"))
+    assert result.returncode == 0, result.stderr
+    assert (run_dir / "export" / "step-000002-ema-lora.safetensors").is_file()  # the best step's, written once
+    assert list((tmp_path / "g").glob("*.png"))

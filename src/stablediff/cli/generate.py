@@ -93,19 +93,17 @@ class GenerationOptions:
         return GenerationRequest(prompt, negative_prompt=self.negative, steps=self.steps, sampler=self.sampler,
                                  guidance_scale=self.guidance, seed=self.seed, num=self.num,
                                  size=parse_size(self.size), strength=self.strength,
-                                 loras=tuple(parse_lora_arg(run_lora(text)) for text in self.loras),
+                                 loras=tuple(parse_lora_arg(text, run_lora) for text in self.loras),
                                  embeddings=tuple(parse_embedding_arg(text, trust_pickle) for text in self.embeddings))
 
 
-def run_lora(text: str) -> str:
+def run_lora(path: Path) -> Path:
     """`--lora RUN_DIR[:SCALE]`: a fine-tune run stands for its best checkpoint's LoRA file."""
-    head, sep, tail = text.rpartition(":")
-    path, scale = (head, sep + tail) if sep and head and Path(head).is_dir() else (text, "")
-    if not (Path(path) / "checkpoints" / "manifests").is_dir():
-        return text
+    if not (path / "checkpoints" / "manifests").is_dir():
+        return path
     from stablediff.finetune.lora_files import run_lora_file
 
-    return f"{run_lora_file(Path(path))}{scale}"
+    return run_lora_file(path)
 
 
 GENERATION_OPTIONS = (

@@ -84,16 +84,12 @@ def load_base(spec: str, trust_pickle: bool = False, tokenizer: str | None = Non
         from stablediff.models.single_file_pipeline import load_single_file_pipeline
 
         pipe = load_single_file_pipeline(parsed.path, trust_pickle, tokenizer=Path(tokenizer) if tokenizer else None)
-        pipe.to(dtype=_float32())  # a half-precision file trains in float32
+        import torch
+
+        pipe.to(dtype=torch.float32)  # a half-precision file trains in float32
         record["sha256"] = file_hashes(parsed.path)["sha256"]
     check_architecture(pipe, spec)
     return Base(pipe, record)
-
-
-def _float32():
-    import torch
-
-    return torch.float32
 
 
 def _run_pipeline(parsed: BaseSpec, trust_pickle: bool):

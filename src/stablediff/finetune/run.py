@@ -40,10 +40,11 @@ def run_finetune(plan: FinetunePlan, run_dir: Path, trust_pickle: bool = False,
     if dist_info.enabled:
         raise ConfigError("stablediff finetune runs in one process; start it without torchrun")
     run = open_run(config, run_dir, False, dist_info)
+    base = plan.base  # on a resume, plan_finetune loaded it from RUN_DIR/base already
     if not plan.saved:  # the first start: the base becomes part of the run (atomic: a kill leaves none)
         say(f"base: copying {plan.base.record['path']} into {run_dir / BASE_FOLDER}")
         save_base(plan.base, run_dir)
-    base = load_saved_base(run_dir)  # every start trains on the same copy, so a resume is exact
+        base = load_saved_base(run_dir)  # every start trains on the same copy, so a resume is exact
     device = resolve_device(config.train.device)
     stage = train_stage2(run, trust_pickle, device, allow_config_change, build=partial(build_finetune, base=base))
     return finish(run, stage)

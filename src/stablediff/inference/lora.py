@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,8 +38,9 @@ class LoraSpec:
         return self.path.parent.name if self.path.name == DIFFUSERS_LORA_FILE else self.path.stem
 
 
-def parse_lora_arg(text: str) -> LoraSpec:
-    """`PATH` or `PATH:SCALE`; the scale is split at the last colon only when it reads as a number."""
+def parse_lora_arg(text: str, resolve: Callable[[Path], Path] | None = None) -> LoraSpec:
+    """`PATH` or `PATH:SCALE`; the scale is split at the last colon only when it reads as a number.
+    `resolve` maps the PATH first (the CLI turns a fine-tune's run directory into its LoRA file)."""
     path, scale = text, 1.0
     head, sep, tail = text.rpartition(":")
     if sep and head and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", tail):
@@ -47,7 +49,8 @@ def parse_lora_arg(text: str) -> LoraSpec:
         # `ink.safetensors:abc`: the file is there, so what is wrong is the scale, not the path.
         raise GenerationError(f"--lora {text}: the scale {tail!r} is not a number; give PATH:SCALE such as "
                               f"{head}:0.8, or PATH alone for scale 1")
-    return LoraSpec(lora_file(Path(path).expanduser()), scale)
+    path = Path(path).expanduser()
+    return LoraSpec(lora_file(resolve(path) if resolve is not None else path), scale)
 
 
 def lora_file(path: Path) -> Path:

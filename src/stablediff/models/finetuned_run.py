@@ -41,9 +41,8 @@ def trained_group(loaded: LoadedCheckpoint, ema: bool) -> dict:
     return weights or schema.unprefixed(schema.UNET, loaded.tensors)
 
 
-def finetuned_pipeline(run_dir: Path, loaded: LoadedCheckpoint, ema: bool = True, merge: bool = False,
-                       scale: float = 1.0):
-    """The base with this checkpoint's training applied; LoRA adapters stay peft layers unless `merge`."""
+def finetuned_pipeline(run_dir: Path, loaded: LoadedCheckpoint, ema: bool = True, scale: float = 1.0):
+    """The base with this checkpoint's training applied; LoRA adapters merged into it at `scale`."""
     from stablediff.models.pipeline_assembly import load_pipeline_folder
 
     source = f"{run_dir} step {loaded.step}"
@@ -62,13 +61,7 @@ def finetuned_pipeline(run_dir: Path, loaded: LoadedCheckpoint, ema: bool = True
     if not weights:
         raise CheckpointError(f"{source} holds no trained UNet tensors")
     load_trained(pipe.unet, weights, source)
-    if lora and merge:
+    if lora:
         pipe.unet = merged_copy(pipe.unet, scale)
-    elif lora and scale != 1.0:
-        from peft.tuners.lora import LoraLayer
-
-        for module in pipe.unet.modules():
-            if isinstance(module, LoraLayer):
-                module.scale_layer(scale)
     pipe.unet.eval()
     return pipe

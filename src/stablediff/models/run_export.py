@@ -93,7 +93,7 @@ def pipeline_from_checkpoint(loaded: LoadedCheckpoint, ema: bool, trust_pickle: 
     from stablediff.models.finetuned_run import finetuned_pipeline, is_finetune
 
     if is_finetune(loaded.meta):
-        return finetuned_pipeline(run_dir, loaded, ema, merge=True, scale=merge_scale)
+        return finetuned_pipeline(run_dir, loaded, ema, scale=merge_scale)
     return _trained_pipeline(loaded, ema, trust_pickle, source)
 
 
