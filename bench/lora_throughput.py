@@ -125,12 +125,17 @@ def spread(values: list[float]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", type=Path, required=True, help="a digits run (e.g. runs/digits-0to8)")
+    parser.add_argument("--base", type=Path, help="a digits run (e.g. runs/digits-0to8); needed to measure")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--side", choices=["stablediff", "diffusers_style"], help=argparse.SUPPRESS)
+    parser.add_argument("--markdown", type=Path, default=None, help="print the RESULTS.md table of a results JSON")
     args = parser.parse_args()
+    if args.markdown:
+        return print(markdown(json.loads(args.markdown.read_text())))
+    if args.base is None:
+        parser.error("--base RUN_DIR is needed to measure")
     if args.side:
         return one_side(args.side, args.base.resolve(), args.steps, args.threads)
     runs: dict[str, list[dict]] = {"stablediff": [], "diffusers_style": []}
@@ -153,6 +158,20 @@ def main() -> None:
               f"peak RSS {rss['median']:.0f} MiB ({rss['min']:.0f}-{rss['max']:.0f})")
     r = result["throughput_ratio"]
     print(f"ratio {r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f}; goal >= 1.3x)")
+
+
+def markdown(result: dict) -> str:
+    def cell(stats: dict, digits: int) -> str:
+        return f"{stats['median']:.{digits}f} ({stats['min']:.{digits}f}-{stats['max']:.{digits}f})"
+
+    r = result["throughput_ratio"]
+    return "\n".join([
+        f"Machine: {result['machine']}; {result['date']}; {result['repeats']} interleaved repeats of "
+        f"{result['steps']} steps, batch {result['batch']}.", "",
+        "| side | steps/s, median (min-max) | peak RSS MiB, median (min-max) |", "|---|---|---|",
+        *(f"| {side} | {cell(result[side]['steps_per_second'], 2)} | {cell(result[side]['peak_rss_mib'], 0)} |"
+          for side in ("stablediff", "diffusers_style")),
+        f"| **ratio** | **{r['median']:.2f}x** ({r['min']:.2f}-{r['max']:.2f}); goal >= 1.3x | |"])
 
 
 if __name__ == "__main__":
