@@ -141,3 +141,20 @@ def test_tensorboard_events_are_written_next_to_metrics(tmp_path):
     events = EventAccumulator(str(run_dir / "tb"))
     events.Reload()
     assert "unet/loss" in events.Tags()["scalars"]
+
+
+def test_early_stopping_under_torchrun_stops_every_rank_on_rank_zeros_validation_loss(tmp_path):
+    # Validation runs on rank 0 only; without its number shared, rank 0 would stop and rank 1 would wait forever.
+    run_dir = tmp_path / "run"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "stablediff", "train",
+              "tiny", "--run-dir", str(run_dir), *QUIET, "--set", "train.max_steps=40",
+              "--set", "train.validate_every=2", "--set", "early_stopping.patience=1",
+              "--set", "early_stopping.min_delta=1000"]  # nothing improves by 1000: the second evaluation stops
+    result = subprocess.run(launch, cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    store = CheckpointStore(run_dir / "checkpoints")
+    assert max(store.steps()) == 4
+    stops = [r for r in metrics(run_dir) if r.get("event") == "early_stopping"]
+    assert [r["step"] for r in stops] == [4] and stops[0]["best_step"] == 2
+    assert json.loads((run_dir / "eval.json").read_text())["best"]["step"] == 2

@@ -84,3 +84,13 @@ def gather_to_all(obj: object) -> list[object]:
     out: list[object] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def from_main(obj: object) -> object:
+    """Rank 0's `obj` on every rank (itself without torchrun): a decision that only rank 0 can compute,
+    such as the validation loss that early stopping judges, is then taken alike by every rank."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

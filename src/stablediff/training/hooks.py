@@ -17,6 +17,7 @@ from stablediff.io.run_files import update_eval
 from stablediff.training.context import RunContext
 from stablediff.training.early_stop import EarlyStopping
 from stablediff.training.periodic import make_validation_set, run_validation, write_samples
+from stablediff.training import distributed
 from stablediff.training import state as train_state
 from stablediff.training.rollback import logged_rollbacks, roll_back, rollback_event
 from stablediff.training.rollback import message as rollback_message
@@ -91,6 +92,8 @@ class RunHooks(LoopHooks):
             self.val_loss = result["loss"]
             self.metrics.write(stage="unet", step=state.step, val_loss=self.val_loss,
                                val_loss_per_timestep={str(t): v for t, v in result["per_timestep"].items()})
+        if self.dist.enabled:  # every rank tracks the best and stops early on rank 0's number, or they deadlock
+            self.val_loss = distributed.from_main(self.val_loss)
         return True
 
     def _maybe_sample(self, state: UNetTrainState) -> None:
