@@ -21,9 +21,12 @@ def finetune(config_name: str, run_dir, overrides, trust_pickle: bool, allow_con
     The base is a stablediff run directory (RUN_DIR, RUN_DIR@best, RUN_DIR@STEP), a diffusers folder or an
     SD 1.x .safetensors file; it is copied into RUN_DIR/base once. A LoRA run's checkpoints hold only the
     adapters. Export with `stablediff ckpt export RUN_DIR` (the best checkpoint by default)."""
+    from stablediff.finetune.base import BASE_FOLDER, parse_base
     from stablediff.finetune.plan import plan_finetune
 
     config, run_dir = resolve_run(config_name, run_dir, overrides)
+    if config.finetune is not None and not (run_dir / BASE_FOLDER).is_dir():
+        parse_base(config.finetune.base)  # a base that is not there fails now, not after the data check
     check_run_inputs(config, run_dir)
     plan = plan_finetune(config, run_dir, trust_pickle)  # the base loads and the config fits it: before any write
     with run_dir_locked(run_dir, "stablediff finetune"):

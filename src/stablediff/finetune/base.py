@@ -147,10 +147,10 @@ def save_base(base: Base, run_dir: Path) -> Path:
 
 def load_saved_base(run_dir: Path) -> Base | None:
     """The copy in RUN_DIR/base (what a resumed run trains on), or None before the first start."""
-    from stablediff.models.pipeline_assembly import load_pipeline_folder
-
     folder = Path(run_dir) / BASE_FOLDER
     if not (folder / BASE_RECORD).is_file():
         return None
+    from stablediff.models.pipeline_assembly import load_pipeline_folder  # seconds: only when there is one
+
     pipe = load_pipeline_folder(folder)  # our own safetensors copy: nothing to trust
     return Base(pipe, json.loads((folder / BASE_RECORD).read_text()))
