@@ -8,7 +8,8 @@ provides them as a local file, never downloaded, never unpickled:
 - pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` converted once to `.safetensors`,
   loaded into our own network (inception_net.FIDInceptionV3) key for key.
 The resize is clean-fid's "clean" mode: each channel as a float32 PIL image, bicubic, no
-rounding back to uint8 (the clean-fid paper: other resizers shift FFHQ's FID by 6 or more).
+rounding back to uint8 (clean-fid's README: FFHQ resized by a non-PIL bicubic scores FID 6 or
+more against PIL-resized copies of the same images).
 Pixels then map to [-1, 1] by (x - 128) / 128, the TF graph's own Sub/Mul and what clean-fid
 feeds the archive's layers (pytorch-fid's 2x/255 - 1 differs by ~0.4%).
 """
@@ -88,14 +89,14 @@ class InceptionModel:
         layers = getattr(self.module, "layers", None)
         if layers is not None:  # NVlabs' archive: its layers take [-1, 1] at 299, as clean-fid calls them
             return layers(scaled).reshape(batch.shape[0], -1)
-        # Another archive with StyleGAN's detector signature (0..255 images; resizes inside, identity at 299).
+        # Another archive with the StyleGAN detector's signature: 0..255 images in, features with return_features.
         return self.module(batch, return_features=True).reshape(batch.shape[0], -1)
 
 
 def load_inception(path: str | os.PathLike | None) -> InceptionModel:
     """Load the FID Inception from a .safetensors state dict or a TorchScript archive, in eval mode."""
     if path is None:
-        raise ModelFileError(f"Inception features need the FID Inception weights, and none were given. {WHAT_TO_PROVIDE}")
+        raise ModelFileError(f"Inception features need the FID Inception weights; none were given. {WHAT_TO_PROVIDE}")
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise MissingPathError(f"The Inception weights file {path} does not exist. {WHAT_TO_PROVIDE}")
