@@ -156,3 +156,26 @@ def test_pickle_weights_are_refused_without_trust(clip_folder, tmp_path):
     torch.save({"logit_scale": torch.tensor(1.0)}, folder / "pytorch_model.bin")
     with pytest.raises(PickleRefusedError, match="pytorch_model.bin.*--trust-pickle"):
         load_clip(folder)
+
+
+def test_trusted_pickle_weights_load_and_score_the_same(clip_folder, scorer, tmp_path):
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(clip_folder, folder)
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    images = random_images(2, seed=5)
+    assert load_clip(folder, trust_pickle=True).score(images, PROMPTS[:2]) == scorer.score(images, PROMPTS[:2])
+
+
+def test_weights_lacking_tensors_are_refused_not_filled_with_noise(clip_folder, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "text-only"
+    shutil.copytree(clip_folder, folder)
+    tensors = load_file(folder / "model.safetensors")
+    save_file({k: v for k, v in tensors.items() if not k.startswith("vision_model.")}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(ModelFileError, match="lack .* tensors .*vision_model"):
+        load_clip(folder)

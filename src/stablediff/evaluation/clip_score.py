@@ -132,14 +132,18 @@ def load_clip(folder: str | Path, *, trust_pickle: bool = False, device: str | t
     folder = check_clip_folder(Path(folder), trust_pickle)
     try:
         with quiet_hf_libraries():
-            model = CLIPModel.from_pretrained(folder, local_files_only=True,
-                                              use_safetensors=None if trust_pickle else True)
+            model, loading = CLIPModel.from_pretrained(folder, local_files_only=True, output_loading_info=True,
+                                                       use_safetensors=None if trust_pickle else True)
             tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
             # The PIL backend: no torchvision needed, and the resizing CLIP's own preprocessing used.
             image_processor = CLIPImageProcessorPil.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelFileError(f"the CLIP model folder {folder} could not be loaded ({type(exc).__name__}: "
                              f"{str(exc).splitlines()[0] if str(exc) else ''}). {WHAT_TO_PROVIDE}") from exc
+    if loading["missing_keys"]:  # transformers would fill them with random numbers: a score of noise
+        missing = sorted(loading["missing_keys"])
+        raise ModelFileError(f"the weights in {folder} lack {len(missing)} of the CLIPModel's tensors (such as "
+                             f"{', '.join(missing[:3])}): they are not a whole CLIPModel. {WHAT_TO_PROVIDE}")
     max_length = min(int(model.config.text_config.max_position_embeddings), int(tokenizer.model_max_length))
     tokenizer.model_max_length = max_length  # what truncation_message reads
     model.eval().requires_grad_(False)
