@@ -126,3 +126,15 @@ def test_shuffled_requests_score_near_chance():
     shuffled = np.random.default_rng(0).permutation(held.labels)
     report = adherence(held.images, shuffled)
     assert report.adherence < 0.25 and report.scores.macro_f1 < 0.25 < report.reference
+
+
+def test_the_table_shows_each_requested_digit_next_to_the_reference():
+    _, held = load_digits(32)
+    report = adherence(held.images[:40], held.labels[:40])
+    lines = report.table().splitlines()
+    reference = reference_scores(32)
+    assert len(lines) == 1 + len(report.scores.classes) + 2
+    first = report.scores.classes[0]
+    assert lines[1].split()[:3] == [str(first), f"{report.scores.precision[first]:.3f}",
+                                    f"({reference.precision[first]:.3f})"]
+    assert lines[-1].startswith(f"accuracy {report.adherence:.3f} ({reference.accuracy:.3f})")

@@ -130,6 +130,23 @@ class AdherenceReport:
         "reference", the same for the real held-out split: the shape of an eval.json metric entry."""
         return {**self.scores.to_json(), "reference": self.reference_scores.to_json()}
 
+    def table(self) -> str:
+        """Per requested digit: precision, recall and F1, each next to the real held-out digits' (in brackets);
+        then the macro averages and accuracy. Plain text for a terminal or a Markdown code block."""
+        gen, ref = self.scores, self.reference_scores
+        lines = [f"{'digit':>5} {'precision':>15} {'recall':>15} {'F1':>15} {'images':>6}"]
+        for c in gen.classes:
+            cells = [_pair(getattr(gen, m)[c], getattr(ref, m).get(c)) for m in ("precision", "recall", "f1")]
+            lines.append(f"{c:>5} " + " ".join(f"{cell:>15}" for cell in cells) + f" {gen.support[c]:>6}")
+        macro = [_pair(getattr(gen, f"macro_{m}"), getattr(ref, f"macro_{m}")) for m in ("precision", "recall", "f1")]
+        lines.append(f"{'macro':>5} " + " ".join(f"{cell:>15}" for cell in macro) + f" {gen.count:>6}")
+        lines.append(f"accuracy {_pair(gen.accuracy, ref.accuracy)} (real held-out digits in brackets)")
+        return "\n".join(lines)
+
+
+def _pair(value: float, reference: float | None) -> str:
+    return f"{value:.3f} ({reference:.3f})" if reference is not None else f"{value:.3f}"
+
 
 @lru_cache(maxsize=2)
 def digit_classifier(resolution: int = 32):
