@@ -190,3 +190,12 @@ def test_the_proposal_is_a_distribution_over_the_kl_terms_weighted_to_small_t(sc
     q = timestep_proposal(gm.Schedule.from_scheduler(scheduler))
     assert q[0] == 0 and float(q.sum()) == pytest.approx(1.0) and (q[1:] > 0).all()
     assert q[1] > 10 * q[-1]
+
+
+def test_a_zero_terminal_snr_schedule_has_no_prior_cost_for_a_v_prediction_model(untrained):
+    zero_snr = make_noise_scheduler(num_train_timesteps=T, prediction_type="v_prediction",
+                                    rescale_zero_terminal_snr=True)
+    result = bits_per_dim(untrained, zero_snr, images(2), captions(2), "v_prediction", num_timesteps=4)
+    assert math.isfinite(result.value) and result.prior == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="zero terminal SNR"):
+        bits_per_dim(untrained, zero_snr, images(2), captions(2), "epsilon", num_timesteps=4)
