@@ -10,9 +10,9 @@ models without a learned variance, and the tighter bound for the small models we
 wider step forgives the mean's errors) or "posterior" (beta tilde_t, fixedsmall).
 
 The exact sum costs T model calls per image. The default estimator costs K + 1: the decoder
-term L_0 (for a trained model the largest single term) is computed exactly, the prior in closed form, and sum_{t>=1} L_t
-is estimated as the mean of L_t / q(t) over K timesteps drawn from a proposal q (see
-`timestep_proposal`), with its standard error. Pixel space uses the discretised 8-bit
+term L_0 (for a trained model the largest single term) is computed exactly, the prior in
+closed form, and sum_{t>=1} L_t is estimated as the mean of L_t / q(t) over K timesteps
+drawn from a proposal q (see `timestep_proposal`), with its standard error. Pixel space uses the discretised 8-bit
 decoder and reports "bits/dim"; latents are continuous, so L_0 there is the Gaussian negative
 log-density of x_0 under p(x_0 | x_1) and the unit is "bits per latent dimension": a density
 bound on the VAE's latents, not comparable with pixel bits/dim.
