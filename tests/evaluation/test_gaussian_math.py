@@ -77,8 +77,9 @@ def test_the_posterior_mean_and_variance_are_bayes_rule_on_two_gaussians(schedul
     beta, prev = schedule.betas[t], schedule.alphas_cumprod_prev[t]
     # q(x_{t-1} | x_t, x0) ∝ N(x_t; sqrt(1 - beta) x_{t-1}, beta) N(x_{t-1}; sqrt(prev) x0, 1 - prev)
     precision = (1 - beta) / beta + 1 / (1 - prev)
-    expected_mean = ((1 - beta).sqrt() / beta).view(-1, 1, 1, 1) * xt + (prev.sqrt() / (1 - prev)).view(-1, 1, 1, 1) * x0
-    assert torch.allclose(mean, expected_mean / precision.view(-1, 1, 1, 1), rtol=1e-9)
+    per_image = (-1, 1, 1, 1)
+    expected_mean = ((1 - beta).sqrt() / beta).view(per_image) * xt + (prev.sqrt() / (1 - prev)).view(per_image) * x0
+    assert torch.allclose(mean, expected_mean / precision.view(per_image), rtol=1e-9)
     assert torch.allclose(variance.flatten(), 1 / precision, rtol=1e-9)
 
 
