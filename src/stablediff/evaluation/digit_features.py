@@ -77,8 +77,10 @@ def features(images: np.ndarray, cache_dir: str | os.PathLike | None = None) -> 
 def real_features(split: str = "held_out", resolution: int = 32,
                   cache_dir: str | os.PathLike | None = None) -> np.ndarray:
     """Features of the real digits, `split` "train" or "held_out": the reference a generator is compared with."""
+    if split not in ("train", "held_out"):
+        raise ValueError(f"split must be 'train' or 'held_out', got {split!r}")
     train, held_out = load_digits(resolution)
-    return features({"train": train, "held_out": held_out}[split].images, cache_dir)
+    return features((train if split == "train" else held_out).images, cache_dir)
 
 
 def feature_network(resolution: int = 32, cache_dir: str | os.PathLike | None = None) -> DigitFeatureNet:
