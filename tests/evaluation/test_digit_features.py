@@ -93,6 +93,14 @@ def test_a_corrupt_cache_file_is_retrained_and_rewritten(cached8, tmp_path, dama
         assert_same_weights(weights(feature_network(8, tmp_path / "cache")), cached)  # the rewritten file loads
 
 
+def test_an_unwritable_cache_warns_and_still_gives_the_network(cached8, tmp_path):
+    blocked = tmp_path / "a file, not a folder"
+    blocked.write_text("")
+    with pytest.warns(UserWarning, match="could not cache.*STABLEDIFF_CACHE"):
+        net = feature_network(8, blocked)
+    assert_same_weights(weights(net), cached8[1])
+
+
 def test_the_fingerprint_depends_on_the_training_data():
     assert fingerprint(8) == fingerprint(8) != fingerprint(32)
 

@@ -169,7 +169,11 @@ def _save(net: DigitFeatureNet, path: Path, key: str) -> None:
     from safetensors.torch import save
 
     state = {name: tensor.detach().contiguous() for name, tensor in net.state_dict().items()}
-    replace_atomic(path, save(state, metadata={"fingerprint": key, "weights_sha256": _weights_hash(state)}))
+    try:
+        replace_atomic(path, save(state, metadata={"fingerprint": key, "weights_sha256": _weights_hash(state)}))
+    except OSError as error:  # the scores do not need the cache: go on, and say how to keep the seconds next time
+        warnings.warn(f"could not cache the digit feature network at {path} ({error}); it will be trained again "
+                      f"next time. Set STABLEDIFF_CACHE to a writable folder.", stacklevel=3)
 
 
 def _load_cached(path: Path, key: str) -> DigitFeatureNet | None:
