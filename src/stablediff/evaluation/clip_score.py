@@ -56,7 +56,7 @@ class ClipScoreResult:
     truncated: int  # prompts cut to the text encoder's length
 
     def to_json(self) -> dict:
-        return {"value": self.mean, "std": self.std, "count": self.count, "truncated_prompts": self.truncated}
+        return {"value": self.mean, "spread": self.std, "count": self.count, "truncated_prompts": self.truncated}
 
 
 def summarise(scores: torch.Tensor, truncated: int = 0) -> ClipScoreResult:
