@@ -118,10 +118,12 @@ def test_lora_config_records_rank_and_module_dropout_when_on_and_the_record_rebu
     attach_lora(tiny_unet(), config)  # as an export rebuilds them from a checkpoint's meta: peft gets its own keys
 
 
-def lora_grads(settings: LoraSettings) -> dict[str, torch.Tensor | None]:
+def lora_grads(settings: LoraSettings, checkpointing: bool = False) -> dict[str, torch.Tensor | None]:
     """The adapters' gradients of one training forward/backward of the tiny UNet (global seed 0)."""
     unet = tiny_unet()
     add_lora(unet, settings, seed=5)
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
     unet.train()
     generator = torch.Generator().manual_seed(0)
     latents, text = torch.randn(2, 4, 8, 8, generator=generator), torch.randn(2, 3, 384, generator=generator)
@@ -138,6 +140,14 @@ def test_a_lora_training_step_changes_with_rank_and_module_dropout_on():
     assert not all(torch.equal(plain[n], ranks[n]) for n in plain)
     skipped = [n for n, g in modules.items() if g is None]  # skipped layers' adapters get no gradient at all
     assert 0 < len(skipped) < len(modules)
+
+
+def test_gradient_checkpointing_recomputes_the_same_draws():
+    settings = LoraSettings(rank=2, targets="attn+ff", init="gaussian", rank_dropout=0.5, module_dropout=0.5)
+    plain, recomputed = lora_grads(settings), lora_grads(settings, checkpointing=True)
+    assert any(g is None for g in plain.values())
+    for name, grad in plain.items():  # torch's checkpoint replays the generator state of the first forward
+        assert (grad is None and recomputed[name] is None) or torch.equal(grad, recomputed[name]), name
 
 
 def test_the_dropouts_apply_to_method_lora_only_and_rank_dropout_not_to_dora():
