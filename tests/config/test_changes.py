@@ -18,6 +18,8 @@ def test_keys_that_alter_the_run_are_refused_and_the_kind_is_named():
     assert rule_for("noise.beta_schedule") == "noise schedule"
     assert rule_for("text_encoder.name") == "text encoder"
     assert rule_for("train.learning_rate") == "optimizer"
+    assert rule_for("finetune.lora.rank") == "model shape"
+    assert rule_for("finetune.lora.rank_dropout") == rule_for("finetune.lora.module_dropout") == "objective"
 
 
 def test_keys_that_only_say_how_long_how_often_or_where_change_freely():

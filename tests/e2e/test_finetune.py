@@ -2,6 +2,7 @@
 
 import json
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -110,6 +111,33 @@ def test_a_lora_run_sigkilled_at_random_moments_resumes_bitwise(tiny_run, tmp_pa
     assert result.returncode == 0, result.stderr
     assert kills >= 1
     assert final_hashes(run_dir, 30) == final_hashes(tmp_path / "straight", 30)
+
+
+DROPOUTS = ["--set", "finetune.lora.rank_dropout=0.5", "--set", "finetune.lora.module_dropout=0.5",
+            "--set", "checkpoint.every_steps=1", "--set", "train.max_steps=4"]
+
+
+@pytest.mark.slow
+def test_a_lora_run_with_rank_and_module_dropout_resumes_bitwise(tiny_run, tmp_path):
+    """Their draws come from the generators each checkpoint saves: a run that lost its checkpoints after step 2
+    (as a kill leaves it) resumes and ends as the uninterrupted one."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    result = run_cli(*finetune_args(tiny_run, *DROPOUTS), "--run-dir", str(straight))
+    assert result.returncode == 0, result.stderr
+    shutil.copytree(straight, resumed)
+    store = CheckpointStore(resumed / "checkpoints")
+    for step in (3, 4):
+        store.delete_manifest(step)
+    result = run_cli(*finetune_args(tiny_run, *DROPOUTS), "--run-dir", str(resumed))
+    assert result.returncode == 0, result.stderr
+    assert "resumed from step 2" in result.stderr
+    assert final_hashes(resumed, 4) == final_hashes(straight, 4)
+    loaded = store.load(4)
+    assert {k: loaded.meta["lora_config"][k] for k in ("rank_dropout", "module_dropout")} == {
+        "rank_dropout": 0.5, "module_dropout": 0.5}
+    # AdamW counts a parameter's steps only when it had a gradient: skipped branches really were skipped
+    counts = {int(t) for name, t in loaded.tensors.items() if name.startswith("optim/") and name.endswith("/step")}
+    assert len(counts) > 1 and max(counts) == 4
 
 
 @pytest.mark.parametrize("setting, words", [

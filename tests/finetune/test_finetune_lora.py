@@ -107,3 +107,57 @@ def test_conv_preset_adapts_convolutions_of_a_sd15_unet_on_meta():
     assert any(n.startswith("down_blocks.0.resnets.0.conv1.lora_A") for n in trains)
     assert any("upsamplers.0.conv.lora_B" in n for n in trains)
     assert all("lora_" in n for n in trains)
+
+
+def test_lora_config_records_rank_and_module_dropout_when_on_and_the_record_rebuilds_the_adapters():
+    from stablediff.models.adapters import attach_lora
+
+    config = lora_config(LoraSettings(rank=2, rank_dropout=0.1, module_dropout=0.25), tiny_unet())
+    assert (config["rank_dropout"], config["module_dropout"]) == (0.1, 0.25)
+    assert "rank_dropout" not in lora_config(LoraSettings(rank=2, module_dropout=0.25), tiny_unet())
+    attach_lora(tiny_unet(), config)  # as an export rebuilds them from a checkpoint's meta: peft gets its own keys
+
+
+def lora_grads(settings: LoraSettings, checkpointing: bool = False) -> dict[str, torch.Tensor | None]:
+    """The adapters' gradients of one training forward/backward of the tiny UNet (global seed 0)."""
+    unet = tiny_unet()
+    add_lora(unet, settings, seed=5)
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    generator = torch.Generator().manual_seed(0)
+    latents, text = torch.randn(2, 4, 8, 8, generator=generator), torch.randn(2, 3, 384, generator=generator)
+    torch.manual_seed(0)
+    unet(latents, torch.tensor([10, 500]), encoder_hidden_states=text).sample.square().mean().backward()
+    return {n: p.grad for n, p in unet.named_parameters() if p.requires_grad}
+
+
+def test_a_lora_training_step_changes_with_rank_and_module_dropout_on():
+    plain = lora_grads(LoraSettings(rank=2, targets="attn+ff"))
+    ranks = lora_grads(LoraSettings(rank=2, targets="attn+ff", rank_dropout=0.5))
+    modules = lora_grads(LoraSettings(rank=2, targets="attn+ff", module_dropout=0.5))
+    assert all(g is not None for g in plain.values())
+    assert not all(torch.equal(plain[n], ranks[n]) for n in plain)
+    skipped = [n for n, g in modules.items() if g is None]  # skipped layers' adapters get no gradient at all
+    assert 0 < len(skipped) < len(modules)
+
+
+def test_gradient_checkpointing_recomputes_the_same_draws():
+    settings = LoraSettings(rank=2, targets="attn+ff", init="gaussian", rank_dropout=0.5, module_dropout=0.5)
+    plain, recomputed = lora_grads(settings), lora_grads(settings, checkpointing=True)
+    assert any(g is None for g in plain.values())
+    for name, grad in plain.items():  # torch's checkpoint replays the generator state of the first forward
+        assert (grad is None and recomputed[name] is None) or torch.equal(grad, recomputed[name]), name
+
+
+def test_the_dropouts_apply_to_method_lora_only_and_rank_dropout_not_to_dora():
+    from stablediff.config import load_config
+
+    with pytest.raises(ConfigError, match="method full trains none"):
+        load_config("tiny", ["finetune.base=x", "finetune.method=full", "finetune.lora.module_dropout=0.1"])
+    with pytest.raises(ConfigError, match="DoRA"):
+        load_config("tiny", ["finetune.base=x", "finetune.lora.dora=true", "finetune.lora.rank_dropout=0.1"])
+    with pytest.raises(ConfigError, match="rank_dropout"):
+        load_config("tiny", ["finetune.base=x", "finetune.lora.rank_dropout=1.0"])
+    lora = load_config("tiny", ["finetune.base=x", "finetune.lora.dora=true", "finetune.lora.module_dropout=0.1"])
+    assert lora.finetune.lora.module_dropout == 0.1

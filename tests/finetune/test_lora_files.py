@@ -196,3 +196,15 @@ def test_a_checkpoint_without_lora_tensors_is_refused(tmp_path):
     CheckpointStore(tmp_path / "run" / "checkpoints").save(1, {"unet/conv_in.weight": torch.zeros(2, 2)}, {})
     with pytest.raises(ValueError, match="no LoRA weights.*--format diffusers"):
         write_kohya_lora(load_lora_checkpoint(tmp_path / "run"), tmp_path / "x.safetensors", "the run")
+
+
+def test_rank_and_module_dropout_are_kohya_network_args_and_stay_out_of_the_diffusers_config(base, tmp_path):
+    trained = trained_pipeline(base, ATTENTION)
+    config = lora_config_meta(RANK, ALPHA, ATTENTION) | {"rank_dropout": 0.1, "module_dropout": 0.25}
+    loaded = load_lora_checkpoint(lora_checkpoint(tmp_path / "run", {"unet": trained.unet}, {"lora_config": config}))
+    meta = metadata_of(write_kohya_lora(loaded, tmp_path / "d.safetensors", "the run"))
+    assert json.loads(meta["ss_network_args"]) == {"rank_dropout": "0.1", "module_dropout": "0.25"}  # as kohya's
+    folder = write_diffusers_lora(loaded, tmp_path / "lora", "the run")
+    adapter = json.loads(metadata_of(folder / "pytorch_lora_weights.safetensors")["lora_adapter_metadata"])
+    assert adapter["unet.lora_alpha"] == ALPHA and not [k for k in adapter if "_dropout" in k and "lora_" not in k]
+    load(base).load_lora_weights(str(folder))  # diffusers builds peft's LoraConfig from that metadata

@@ -51,6 +51,7 @@ RULES: dict[str, str] = {
     "finetune": "base model",
     "finetune.method": "model shape",
     "finetune.lora": "model shape",
+    **{f"finetune.lora.{key}": "objective" for key in ("rank_dropout", "module_dropout")},  # regularisation
     "finetune.freeze": "trainable parameters",
     "finetune.train_only": "trainable parameters",
 }

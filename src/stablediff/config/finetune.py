@@ -40,6 +40,19 @@ class LoraSettings(_Section):
     init: Literal["default", "gaussian"] = Field("default", description="peft's init: default (B = 0, A Kaiming) "
                                                  "or gaussian (A ~ N(0, 1/r))")
     dora: bool = Field(False, description="weight-decomposed LoRA (DoRA, Liu et al. 2024) as peft implements it")
+    rank_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="kohya's rank dropout: in training, each rank "
+                                "component of a LoRA branch is zeroed per sample with this probability, the kept "
+                                "ones scaled by 1/(1-p)")
+    module_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="kohya's module dropout: in training, a layer's "
+                                  "whole LoRA branch is skipped for a forward with this probability")
+
+    @model_validator(mode="after")
+    def _rank_dropout_is_for_plain_lora(self) -> "LoraSettings":
+        if self.dora and self.rank_dropout:
+            raise ValueError("finetune.lora.rank_dropout masks the ranks of a plain LoRA's down/up product; DoRA "
+                             "normalises the whole update by its weight norm, so the two do not combine. Set "
+                             "rank_dropout: 0 or dora: false (module_dropout works with both)")
+        return self
 
     @property
     def scale_alpha(self) -> float:
@@ -102,6 +115,14 @@ class FinetuneConfig(_Section):
         if self.freeze or self.train_only:
             raise ValueError("finetune.freeze/train_only choose UNet weights; textual inversion trains only the "
                              "token's embedding: remove them")
+        return self
+
+
+    @model_validator(mode="after")
+    def _lora_dropouts_need_lora(self) -> "FinetuneConfig":
+        if self.method != "lora" and (self.lora.rank_dropout or self.lora.module_dropout):
+            raise ValueError(f"finetune.lora.rank_dropout and module_dropout act on LoRA adapters; method "
+                             f"{self.method} trains none: remove them or set finetune.method: lora")
         return self
 
 

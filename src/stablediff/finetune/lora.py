@@ -13,6 +13,7 @@ import torch
 from stablediff.config.finetune import ALL_LINEAR, LORA_TARGET_PRESETS, LoraSettings
 from stablediff.errors import ConfigError
 from stablediff.models.adapters import attach_lora
+from stablediff.models.lora_dropout import install_lora_dropout
 
 ADAPTABLE = (torch.nn.Linear, torch.nn.Conv2d)
 
@@ -47,17 +48,22 @@ def resolve_targets(targets: str | list[str], model: torch.nn.Module) -> list[st
 
 
 def lora_config(settings: LoraSettings, model: torch.nn.Module) -> dict:
-    """peft LoraConfig keys (JSON-ready: stored in each checkpoint's meta to rebuild the adapters)."""
-    return {"r": settings.rank, "lora_alpha": settings.scale_alpha, "lora_dropout": settings.dropout,
-            "target_modules": resolve_targets(settings.targets, model),
-            "init_lora_weights": True if settings.init == "default" else "gaussian",
-            "use_dora": settings.dora}
+    """peft LoraConfig keys (JSON-ready: stored in each checkpoint's meta to rebuild the adapters), and kohya's
+    rank_dropout/module_dropout when they are on (models/lora_dropout.py; peft has no such option)."""
+    config = {"r": settings.rank, "lora_alpha": settings.scale_alpha, "lora_dropout": settings.dropout,
+              "target_modules": resolve_targets(settings.targets, model),
+              "init_lora_weights": True if settings.init == "default" else "gaussian",
+              "use_dora": settings.dora}
+    dropouts = {"rank_dropout": settings.rank_dropout, "module_dropout": settings.module_dropout}
+    return config | {key: p for key, p in dropouts.items() if p > 0}
 
 
 def add_lora(model: torch.nn.Module, settings: LoraSettings, seed: int) -> dict:
-    """Attach the adapters (initialised from `seed`: a fresh run is reproducible) and return their config."""
+    """Attach the adapters (initialised from `seed`: a fresh run is reproducible) with their rank/module
+    dropout, and return their config."""
     config = lora_config(settings, model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         attach_lora(model, config)
+    install_lora_dropout(model, settings.rank_dropout, settings.module_dropout)
     return config

@@ -33,6 +33,7 @@ from stablediff import run_schema as schema
 from stablediff.checkpoint import LoadedCheckpoint
 from stablediff.errors import CheckpointError
 from stablediff.inference.lora import DIFFUSERS_LORA_FILE
+from stablediff.models.lora_dropout import peft_keys
 from stablediff.models.run_export import lora_tensors
 
 LORA_METADATA_KEY = "lora_adapter_metadata"  # where diffusers' save_lora_weights keeps the LoraConfig
@@ -144,7 +145,7 @@ def diffusers_state(weights: LoraWeights) -> tuple[dict[str, torch.Tensor], dict
             state[f"{component}.{module}.lora_B.weight"] = adapter.up
             if adapter.magnitude is not None:
                 state[f"{component}.{module}.lora_magnitude_vector.weight"] = adapter.magnitude
-        config = weights.configs.get(component)
+        config = peft_keys(weights.configs.get(component) or {})  # diffusers builds a LoraConfig from it
         if config:  # without it diffusers assumes alpha = r
             adapter_metadata |= {f"{component}.{k}": sorted(v) if isinstance(v, (set, tuple)) else v
                                  for k, v in config.items()}

@@ -38,8 +38,10 @@ def _text(value: Any) -> str:
 
 
 def network_metadata(weights) -> dict[str, Any]:
-    """dim, alpha and, for LoCon (LoRA on convolutions too), kohya's conv_dim/conv_alpha network args."""
+    """dim, alpha and kohya's network args: conv_dim/conv_alpha for LoCon (LoRA on convolutions too),
+    rank_dropout/module_dropout when the run had them on."""
     from stablediff.finetune.lora_files import TEXT_ENCODER
+    from stablediff.models.lora_dropout import dropout_settings
 
     component = schema.UNET if schema.UNET in weights.modules else TEXT_ENCODER
     adapters = list(weights.modules[component].values())
@@ -48,8 +50,9 @@ def network_metadata(weights) -> dict[str, Any]:
     out: dict[str, Any] = {"ss_network_module": "networks.lora", "ss_network_dim": first.rank,
                            "ss_network_alpha": weights.alpha(component, first)}
     conv = [a for a in adapters if a.is_conv]
-    out["ss_network_args"] = ({"conv_dim": str(conv[0].rank), "conv_alpha": str(weights.alpha(component, conv[0]))}
-                              if conv else {})
+    args = {"conv_dim": str(conv[0].rank), "conv_alpha": str(weights.alpha(component, conv[0]))} if conv else {}
+    dropouts = dropout_settings(weights.configs.get(component))  # kohya: the strings as given, "0.1"
+    out["ss_network_args"] = args | {key: str(p) for key, p in dropouts.items()}
     return out
 
 

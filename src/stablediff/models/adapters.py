@@ -23,7 +23,9 @@ def attach_lora(model: torch.nn.Module, config: dict) -> None:
     injects the layers and leaves only the adapters trainable."""
     from peft import LoraConfig
 
-    model.add_adapter(LoraConfig(**config), adapter_name=ADAPTER)
+    from stablediff.models.lora_dropout import peft_keys  # the record's rank/module dropout are not peft's
+
+    model.add_adapter(LoraConfig(**peft_keys(config)), adapter_name=ADAPTER)
 
 
 def trained_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
