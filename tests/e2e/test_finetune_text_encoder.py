@@ -71,12 +71,14 @@ def test_only_the_adapters_train_and_the_text_encoders_have_their_own_learning_r
                                                                             "out_proj", "fc1", "fc2"]
 
 
-def test_a_run_resumed_after_a_crash_ends_bitwise_equal(base, te_run, tmp_path):
+def test_a_run_resumed_after_a_crash_ends_bitwise_equal(base, te_run, tmp_path, capfd):
     run_dir = tmp_path / "resumed"
     shutil.copytree(te_run, run_dir)
     for step in range(3, STEPS + 1):  # the state a kill right after step 2's save leaves: its newer manifests gone
         (run_dir / "checkpoints" / "manifests" / f"{step:012d}.json").unlink()
+    capfd.readouterr()
     finetune(base, run_dir)
+    assert "resumed from step 2" in capfd.readouterr().err  # the adapters and optimizer state came back
     assert final_hashes(run_dir) == final_hashes(te_run)
 
 
@@ -123,9 +125,12 @@ def test_generate_with_the_run_as_lora_makes_the_merged_runs_image(base, te_run,
     result = run_cli("generate", str(base), PROMPT, "--steps", "2", "--seed", "5", "--lora", str(te_run),
                      "--out", str(tmp_path / "g"))
     assert result.returncode == 0, result.stderr
-    with_lora = np.asarray(Image.open(tmp_path / "g" / "00000-0.png").convert("RGB"), dtype=np.int16)
+    png = [line for line in result.stdout.splitlines() if line.endswith(".png")][0]
+    with_lora = np.asarray(Image.open(png).convert("RGB"), dtype=np.int16)
     merged = np.asarray(stablediff.load_pipeline(te_run).txt2img(PROMPT, steps=2, seed=5)[0], dtype=np.int16)
+    plain = np.asarray(stablediff.load_pipeline(base).txt2img(PROMPT, steps=2, seed=5)[0], dtype=np.int16)
     assert np.abs(with_lora - merged).max() <= 1
+    assert np.abs(with_lora - plain).max() > 1  # the LoRA changes the image: the comparison means something
 
 
 def test_the_diffusers_exports_carry_the_text_encoder(base, te_run, tmp_path):

@@ -196,3 +196,21 @@ def test_a_checkpoint_without_lora_tensors_is_refused(tmp_path):
     CheckpointStore(tmp_path / "run" / "checkpoints").save(1, {"unet/conv_in.weight": torch.zeros(2, 2)}, {})
     with pytest.raises(ValueError, match="no LoRA weights.*--format diffusers"):
         write_kohya_lora(load_lora_checkpoint(tmp_path / "run"), tmp_path / "x.safetensors", "the run")
+
+
+def test_a_bert_text_encoder_lora_is_refused_in_the_kohya_layout_and_kept_in_the_diffusers_one(tmp_path):
+    from stablediff.config.finetune import TEXT_ENCODER_TARGETS
+    from stablediff.errors import CheckpointError
+    from tests.models.tiny_sd import tiny_pipeline
+
+    pipe = tiny_pipeline()
+    add_trained_lora(pipe.unet, ATTENTION, RANK, ALPHA, seed=1)
+    add_trained_lora(pipe.text_encoder, list(TEXT_ENCODER_TARGETS["BERT"]), 2, 2.0, seed=2)
+    config = {**lora_config_meta(RANK, ALPHA, ATTENTION), "text_encoder": {"r": 2, "lora_alpha": 2.0}}
+    loaded = load_lora_checkpoint(lora_checkpoint(tmp_path / "run", {"unet": pipe.unet, "text_encoder": pipe.text_encoder},
+                                                  {"lora_config": config}))
+    with pytest.raises(CheckpointError, match="BERT/MiniLM text encoder") as error:
+        write_kohya_lora(loaded, tmp_path / "x.safetensors", "run")
+    assert "--format diffusers" in str(error.value) and not (tmp_path / "x.safetensors").exists()
+    keys = load_file(write_diffusers_lora(loaded, tmp_path / "d", "run") / "pytorch_lora_weights.safetensors")
+    assert "text_encoder.encoder.layer.0.attention.self.query.lora_A.weight" in keys  # BERT's own module paths
