@@ -207,8 +207,8 @@ def test_a_bert_text_encoder_lora_is_refused_in_the_kohya_layout_and_kept_in_the
     add_trained_lora(pipe.unet, ATTENTION, RANK, ALPHA, seed=1)
     add_trained_lora(pipe.text_encoder, list(TEXT_ENCODER_TARGETS["BERT"]), 2, 2.0, seed=2)
     config = {**lora_config_meta(RANK, ALPHA, ATTENTION), "text_encoder": {"r": 2, "lora_alpha": 2.0}}
-    loaded = load_lora_checkpoint(lora_checkpoint(tmp_path / "run", {"unet": pipe.unet, "text_encoder": pipe.text_encoder},
-                                                  {"lora_config": config}))
+    groups = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    loaded = load_lora_checkpoint(lora_checkpoint(tmp_path / "run", groups, {"lora_config": config}))
     with pytest.raises(CheckpointError, match="BERT/MiniLM text encoder") as error:
         write_kohya_lora(loaded, tmp_path / "x.safetensors", "run")
     assert "--format diffusers" in str(error.value) and not (tmp_path / "x.safetensors").exists()

@@ -2,8 +2,9 @@
 
 A fine-tune checkpoint holds only what trains (models/adapters.py): the UNet's
 LoRA adapters (`unet/...lora_A.default.weight`, and their EMA under `ema/`) or
-its unfrozen weights, and a text-encoder LoRA's adapters (`text_encoder/...`). The frozen rest is the base, copied once into RUN_DIR/base
-as a diffusers folder when the run started (finetune/base.py).
+its unfrozen weights, and a text-encoder LoRA's adapters (`text_encoder/...`).
+The frozen rest is the base, copied once into RUN_DIR/base as a diffusers
+folder when the run started (finetune/base.py).
 """
 
 from __future__ import annotations
