@@ -22,6 +22,9 @@ VAE = "vae"  # the autoencoder (frozen after stage 1: costs no bytes after the f
 UNET = "unet"  # the UNet being trained (its LoRA adapters, when it has them: names with `lora_`)
 EMA = "ema"  # the UNet's moving average
 EMBEDDING = "embedding"  # textual inversion: embedding/vectors, the new token's (num_vectors, width)
+# A text-encoder LoRA's adapters, by the encoder's state-dict names (`<module>.lora_A.default.weight`); their
+# LoraConfig is meta lora_config["text_encoder"]
+TEXT_ENCODER = "text_encoder"
 OPTIM = "optim"  # the optimizer's per-parameter tensors of stage 2: optim/<param index>/<key>[/<key>]
 VAE_OPTIM = "vae_optim"  # the same for stage 1
 RNG = "rng"  # the global generators' states: rng/torch, rng/numpy, rng/cuda/<device>
@@ -40,7 +43,8 @@ OPTIMIZER_PARAM_GROUPS = "optimizer_param_groups"
 OPTIMIZER_SCALARS = "optimizer_scalars"
 VAE_REPORT = "vae_report"  # a finished stage 1's report
 VAE_SCALING_FACTOR = "vae_scaling_factor"
-LORA_CONFIG = "lora_config"  # the peft LoraConfig as a dict: rank, alpha, target modules
+LORA_CONFIG = "lora_config"  # the UNet's peft LoraConfig as a dict (rank, alpha, target modules), and under
+# its key "text_encoder" the text encoder's, when that trained a LoRA too (lora_configs splits them)
 FINETUNE_BASE = "finetune_base"  # a fine-tune's base: kind, path, name, step, sha256 (finetune/base.py)
 TRAINING_STARTED_AT = "training_started_at"  # unix time of the run's first start (LoRA metadata reports it)
 TEXTUAL_INVERSION = "textual_inversion"  # {"token", "num_vectors"} of a textual-inversion run
@@ -61,6 +65,13 @@ def unprefixed(group: str, tensors: Mapping[str, Any]) -> dict[str, Any]:
     """The tensors of `group`, with the group taken off their names."""
     start = len(group) + 1
     return {name[start:]: value for name, value in tensors.items() if name.startswith(group + "/")}
+
+
+def lora_configs(meta: Mapping[str, Any]) -> tuple[dict | None, dict | None]:
+    """(the UNet's LoraConfig, the text encoder's) from a checkpoint's meta; None for one that has none."""
+    config = dict(meta.get(LORA_CONFIG) or {})
+    text_encoder = config.pop(TEXT_ENCODER, None)
+    return config or None, text_encoder
 
 
 def group_of(name: str) -> str:

@@ -10,7 +10,8 @@ from diffusers import UNet2DConditionModel
 from stablediff.config.finetune import ATTENTION, CONVOLUTIONS, FEED_FORWARD, LoraSettings
 from stablediff.config.schema import UNET_PRESETS
 from stablediff.errors import ConfigError
-from stablediff.finetune.lora import add_lora, lora_config, resolve_targets
+from stablediff.finetune.lora import (add_lora, add_text_encoder_lora, lora_config, resolve_targets,
+                                   text_encoder_targets)
 from tests.models.tiny_sd import tiny_unet
 
 
@@ -161,3 +162,52 @@ def test_the_dropouts_apply_to_method_lora_only_and_rank_dropout_not_to_dora():
         load_config("tiny", ["finetune.base=x", "finetune.lora.rank_dropout=1.0"])
     lora = load_config("tiny", ["finetune.base=x", "finetune.lora.dora=true", "finetune.lora.module_dropout=0.1"])
     assert lora.finetune.lora.module_dropout == 0.1
+
+
+def clip_text_encoder(tmp_path):
+    from tests.models.tiny_sd import tiny_clip_pipeline
+
+    return tiny_clip_pipeline(tmp_path / "tokenizer").text_encoder
+
+
+def minilm():
+    from stablediff.models.text_encoder import load_text_encoder
+
+    return load_text_encoder("minilm", max_length=8).model
+
+
+def test_text_encoder_targets_are_kohyas_attention_and_mlp_linears_of_clip_and_of_bert(tmp_path):
+    assert text_encoder_targets(clip_text_encoder(tmp_path)) == ["q_proj", "k_proj", "v_proj", "out_proj", "fc1",
+                                                                 "fc2"]
+    bert = minilm()
+    add_text_encoder_lora(bert, LoraSettings(rank=2), seed=0)
+    adapted = {n.split(".lora_A")[0] for n, p in bert.named_parameters() if p.requires_grad and ".lora_A." in n}
+    layer = "encoder.layer.0."
+    assert {n[len(layer):] for n in adapted if n.startswith(layer)} == {
+        "attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+        "intermediate.dense", "output.dense"}
+    assert len(adapted) == 6 * 6 and not any(n.startswith("pooler") for n in adapted)  # the pipeline never reads it
+
+
+def test_text_encoder_lora_trains_only_adapters_starts_at_the_base_and_is_seeded(tmp_path):
+    from stablediff.models.text_encoder import encode_captions
+    from tests.models.tiny_sd import tiny_clip_pipeline
+
+    pipe = tiny_clip_pipeline(tmp_path / "tokenizer")
+    before = encode_captions(pipe.tokenizer, pipe.text_encoder, ["a digit one"])
+    config = add_text_encoder_lora(pipe.text_encoder, LoraSettings(rank=2, alpha=1.0), seed=3)
+    assert config == {"r": 2, "lora_alpha": 1.0, "lora_dropout": 0.0, "init_lora_weights": True, "use_dora": False,
+                      "target_modules": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]}
+    trains = [n for n, p in pipe.text_encoder.named_parameters() if p.requires_grad]
+    assert len(trains) == 2 * 6 * 2 and all(".lora_A." in n or ".lora_B." in n for n in trains)
+    assert torch.equal(encode_captions(pipe.tokenizer, pipe.text_encoder, ["a digit one"]), before)
+    again = clip_text_encoder(tmp_path)
+    add_text_encoder_lora(again, LoraSettings(rank=2, alpha=1.0), seed=3)
+    name = trains[0]
+    assert torch.equal(dict(again.named_parameters())[name], dict(pipe.text_encoder.named_parameters())[name])
+
+
+def test_a_text_encoder_of_another_family_is_refused_naming_its_layers():
+    with pytest.raises(ConfigError, match="neither a CLIP nor a BERT text model") as error:
+        text_encoder_targets(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    assert "finetune.text_encoder.lora: false" in str(error.value)

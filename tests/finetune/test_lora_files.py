@@ -208,3 +208,21 @@ def test_rank_and_module_dropout_are_kohya_network_args_and_stay_out_of_the_diff
     adapter = json.loads(metadata_of(folder / "pytorch_lora_weights.safetensors")["lora_adapter_metadata"])
     assert adapter["unet.lora_alpha"] == ALPHA and not [k for k in adapter if "_dropout" in k and "lora_" not in k]
     load(base).load_lora_weights(str(folder))  # diffusers builds peft's LoraConfig from that metadata
+
+
+def test_a_bert_text_encoder_lora_is_refused_in_the_kohya_layout_and_kept_in_the_diffusers_one(tmp_path):
+    from stablediff.config.finetune import TEXT_ENCODER_TARGETS
+    from stablediff.errors import CheckpointError
+    from tests.models.tiny_sd import tiny_pipeline
+
+    pipe = tiny_pipeline()
+    add_trained_lora(pipe.unet, ATTENTION, RANK, ALPHA, seed=1)
+    add_trained_lora(pipe.text_encoder, list(TEXT_ENCODER_TARGETS["BERT"]), 2, 2.0, seed=2)
+    config = {**lora_config_meta(RANK, ALPHA, ATTENTION), "text_encoder": {"r": 2, "lora_alpha": 2.0}}
+    groups = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    loaded = load_lora_checkpoint(lora_checkpoint(tmp_path / "run", groups, {"lora_config": config}))
+    with pytest.raises(CheckpointError, match="BERT/MiniLM text encoder") as error:
+        write_kohya_lora(loaded, tmp_path / "x.safetensors", "run")
+    assert "--format diffusers" in str(error.value) and not (tmp_path / "x.safetensors").exists()
+    keys = load_file(write_diffusers_lora(loaded, tmp_path / "d", "run") / "pytorch_lora_weights.safetensors")
+    assert "text_encoder.encoder.layer.0.attention.self.query.lora_A.weight" in keys  # BERT's own module paths

@@ -86,3 +86,39 @@ def test_merged_copy_gives_the_peft_models_output_without_peft_layers():
 def test_merged_copy_at_scale_zero_is_the_base():
     merged = merged_copy(lora_unet(), scale=0.0)
     assert torch.allclose(output(merged), output(tiny_unet()), atol=1e-6)
+
+
+def text_encoder(kind: str, tmp_path):
+    from stablediff.models.text_encoder import load_text_encoder
+    from tests.models.tiny_sd import tiny_clip_pipeline
+
+    if kind == "clip":
+        pipe = tiny_clip_pipeline(tmp_path / "tokenizer")
+        return pipe.tokenizer, pipe.text_encoder
+    encoder = load_text_encoder("minilm", max_length=8)
+    return encoder.tokenizer, encoder.model
+
+
+
+
+@pytest.mark.parametrize("kind", ["clip", "bert"])
+def test_a_text_encoders_adapters_merge_into_a_plain_copy_that_encodes_the_same(kind, tmp_path):
+    from stablediff.models.text_encoder import encode_captions
+
+    from stablediff.config.finetune import TEXT_ENCODER_TARGETS
+
+    tokenizer, model = text_encoder(kind, tmp_path)
+    attach_lora(model, {"r": 2, "lora_alpha": 3.0, "target_modules": list(TEXT_ENCODER_TARGETS[kind.upper()])})
+    trains = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trains == {n for n in model.state_dict() if "lora_" in n}
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+        adapted = encode_captions(tokenizer, model, ["a digit seven", "one"])
+        merged = merged_copy(model)
+        assert type(merged) is type(model) and not any("lora_" in n for n in merged.state_dict())
+        assert torch.allclose(encode_captions(tokenizer, merged, ["a digit seven", "one"]), adapted, atol=1e-4)
+        unadapted = encode_captions(tokenizer, merged_copy(model, scale=0.0), ["a digit seven", "one"])
+        assert (unadapted - adapted).abs().max() > 1e-3  # the adapters matter: the comparison means something

@@ -23,6 +23,14 @@ LORA_TARGET_PRESETS: dict[str, tuple[str, ...]] = {
     "conv": ATTENTION + FEED_FORWARD + CONVOLUTIONS,
 }
 ALL_LINEAR = "all-linear"  # every nn.Linear of the UNet (resolved against the model: finetune/lora.py)
+# Text-encoder LoRA targets, per encoder family: every Linear of the attention and of the MLP of each layer,
+# kohya's default for the text encoder (networks/lora.py adapts all Linear children of CLIPAttention and
+# CLIPMLP). BERT/MiniLM's are named differently; `output.dense` (the MLP's second Linear) also matches
+# `attention.output.dense`, and the pooler, which the pipeline never reads, matches none of them.
+TEXT_ENCODER_TARGETS: dict[str, tuple[str, ...]] = {
+    "CLIP": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+    "BERT": ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"),
+}
 
 
 class _Section(BaseModel):
@@ -59,6 +67,27 @@ class LoraSettings(_Section):
         return float(self.alpha if self.alpha is not None else self.rank)
 
 
+class TextEncoderLoraSettings(_Section):
+    """LoRA adapters on the text encoder too (method lora), on the Linear layers of its attention and MLP
+    (kohya's default); the captions are then encoded each step, with gradients, instead of read from the
+    feature cache."""
+
+    lora: bool = Field(False, description="also train LoRA adapters on the text encoder (with method lora)")
+    learning_rate: float | None = Field(None, gt=0, description="the text encoder adapters' learning rate "
+                                        "(kohya's text_encoder_lr); default: train.learning_rate")
+    rank: int | None = Field(None, ge=1, le=1024, description="the text encoder adapters' rank; default: "
+                             "finetune.lora.rank")
+    alpha: float | None = Field(None, gt=0, description="their alpha; default: finetune.lora.alpha (when that is "
+                                "unset too: this rank, scale 1)")
+
+    def settings(self, unet: LoraSettings) -> LoraSettings:
+        """The adapters' LoraSettings: this section's rank and alpha, the UNet's where unset (no dropout, no
+        DoRA: the encoder runs in eval mode, and the kohya layout has no DoRA form)."""
+        rank = self.rank if self.rank is not None else unet.rank
+        alpha = self.alpha if self.alpha is not None else unet.alpha
+        return LoraSettings(rank=rank, alpha=alpha)
+
+
 class PriorSettings(_Section):
     """DreamBooth's prior preservation (Ruiz et al. 2023): images of the subject's class, captioned with the
     class prompt, train alongside the instance images so the model keeps what the class looks like."""
@@ -90,6 +119,7 @@ class FinetuneConfig(_Section):
         "lora", description="full: every UNet weight trains (less the frozen ones); lora: peft adapters train, the "
         "base stays frozen; textual_inversion: only the embedding of a new token trains")
     lora: LoraSettings = Field(default_factory=LoraSettings)
+    text_encoder: TextEncoderLoraSettings = Field(default_factory=TextEncoderLoraSettings)
     freeze: list[str] = Field([], description="glob patterns of parameter names that do not train, e.g. "
                               "'down_blocks.*' or '*attn2*'")
     train_only: list[str] = Field([], description="glob patterns: only matching parameters train")
@@ -99,6 +129,20 @@ class FinetuneConfig(_Section):
     token: str | None = Field(None, description="textual inversion: the new word, e.g. <my-style>")
     init_token: str | None = Field(None, description="textual inversion: an existing word whose embedding starts it")
     num_vectors: int = Field(1, ge=1, le=75, description="textual inversion: vectors of the new token")
+
+    @model_validator(mode="after")
+    def _text_encoder_lora_with_method_lora(self) -> "FinetuneConfig":
+        te = self.text_encoder
+        if te.lora and self.method != "lora":
+            raise ValueError(f"finetune.text_encoder.lora: true trains LoRA adapters on the text encoder, which "
+                             f"needs finetune.method: lora (this config has {self.method!r}); set the method to "
+                             "lora or remove finetune.text_encoder")
+        unused = sorted(k for k in ("learning_rate", "rank", "alpha") if getattr(te, k) is not None)
+        if unused and not te.lora:
+            raise ValueError(f"finetune.text_encoder.{unused[0]} is set but finetune.text_encoder.lora is not "
+                             "true, so no text encoder adapter trains; add finetune.text_encoder.lora: true or "
+                             f"remove finetune.text_encoder.{unused[0]}")
+        return self
 
     @model_validator(mode="after")
     def _textual_inversion_has_its_token(self) -> "FinetuneConfig":

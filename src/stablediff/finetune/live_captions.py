@@ -1,58 +1,100 @@
-"""Textual inversion in the training loop: the step's captions encoded through the new token's vectors.
+"""Captions encoded in the training loop, with gradients to what trains in the text encoder.
 
-The loop draws caption rows of the dataset's caption table (training/batches.py);
-`encode_rows` turns them into (B, L, D) embeddings with gradients to the token's
-vectors, where a training run reads its cached embeddings instead.
+Textual inversion (the new token's vectors) and text-encoder LoRA (adapters on the
+encoder's attention and MLP) both change what a caption encodes to, so their
+captions cannot come from the feature cache. The loop draws caption rows of the
+dataset's caption table (training/batches.py); `encode_rows` turns them into
+(B, L, D) embeddings through the current trainable weights, where a training
+run reads its cached embeddings instead. Both run the text encoder in eval mode
+(no dropout: what training encodes is what generation encodes).
 """
 
 from __future__ import annotations
 
 import torch
 
+from stablediff import run_schema as schema
 from stablediff.errors import ConfigError
 from stablediff.finetune.textual_inversion import TextualInversion
+from stablediff.models.adapters import load_trained, trained_tensors
+from stablediff.models.text_encoder import encode_captions
 
 
 class LiveCaptions(torch.nn.Module):
-    """The caption table plus the token being learned; its one parameter is the token's vectors."""
+    """The caption table plus the text encoder's trainable part: a `TextualInversion` or a `LoraTextEncoder`.
 
-    def __init__(self, inversion: TextualInversion, captions: list[str]) -> None:
+    `registered` (the token's vectors, or the LoRA'd encoder module) is registered here, so that the
+    optimizer's parameter groups see it; only its parameters with requires_grad train. `group` is the
+    checkpoint's tensor group of `state_dict()` (run_schema)."""
+
+    def __init__(self, encoder, captions: list[str], group: str, **registered) -> None:
         super().__init__()
-        self.inversion = inversion
-        self.vectors = inversion.learned  # registered here, so the optimizer's parameter groups see it
+        self.encoder = encoder
+        self.group = group
+        for name, value in registered.items():
+            setattr(self, name, value)
         self.captions = list(captions)  # the EncodedDataset's caption table: row r is captions[r]
 
     def encode_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        return self.inversion.encode([self.captions[int(r)] for r in rows])
+        return self.encoder.encode([self.captions[int(r)] for r in rows])
 
     def encode(self, captions: list[str]) -> torch.Tensor:
-        return self.inversion.encode(captions)
+        return self.encoder.encode(captions)
 
     def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:
-        return self.inversion.state_dict()
+        return self.encoder.state_dict()
 
     def load_state_dict(self, state, *args, **kwargs) -> None:
-        self.inversion.load_state_dict(dict(state))
+        self.encoder.load_state_dict(dict(state))
 
 
-def make_live_captions(pipe, cfg, captions: list[list[str]], accumulation_steps: int) -> LiveCaptions:
-    """The new token on the pipeline's tokenizer and text encoder (changed in place), over `captions`."""
+class LoraTextEncoder:
+    """A text encoder with LoRA adapters attached (finetune/lora.py); they alone train."""
+
+    def __init__(self, tokenizer, model: torch.nn.Module, config: dict) -> None:
+        self.tokenizer, self.model, self.config = tokenizer, model, config  # config: the adapters' LoraConfig
+
+    def encode(self, captions: list[str]) -> torch.Tensor:
+        """(B, max_length, width) float32, with gradients to the adapters."""
+        return encode_captions(self.tokenizer, self.model, list(captions))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapters' tensors by the encoder's state-dict names (`...q_proj.lora_A.default.weight`)."""
+        return trained_tensors(self.model)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        load_trained(self.model, state, "the checkpoint's text encoder adapters")
+
+
+def make_live_captions(pipe, cfg, captions: list[list[str]], accumulation_steps: int,
+                       seed: int = 0) -> LiveCaptions | None:
+    """What the method trains in the pipeline's text encoder (changed in place), over `captions`; None when
+    the text encoder does not train (the cached embeddings are then exact)."""
     from stablediff.training.encoded_dataset import caption_table
 
+    lora = cfg.method == "lora" and cfg.text_encoder.lora
+    if cfg.method != "textual_inversion" and not lora:
+        return None
     if accumulation_steps > 1:
-        raise ConfigError("textual inversion encodes each step's captions once, so it trains with "
-                          "train.gradient_accumulation_steps: 1; raise train.batch_size instead")
+        what = "text-encoder LoRA" if lora else "textual inversion"
+        raise ConfigError(f"{what} encodes each step's captions once, with gradients through the text encoder, so "
+                          "it trains with train.gradient_accumulation_steps: 1; raise train.batch_size instead")
     table, _ = caption_table(captions)
+    if lora:
+        from stablediff.finetune.lora import add_text_encoder_lora
+
+        config = add_text_encoder_lora(pipe.text_encoder, cfg.text_encoder.settings(cfg.lora), seed)
+        return LiveCaptions(LoraTextEncoder(pipe.tokenizer, pipe.text_encoder, config), table, schema.TEXT_ENCODER,
+                            text_encoder=pipe.text_encoder)
     if not any(cfg.token in caption for caption in table):
         raise ConfigError(f"finetune.token {cfg.token!r} is in no training caption, so it would never train; set "
                           f"finetune.instance_prompt to a caption with it, e.g. 'a picture of {cfg.token}'")
     inversion = TextualInversion(pipe.tokenizer, pipe.text_encoder, cfg.token, cfg.init_token, cfg.num_vectors)
-    return LiveCaptions(inversion, table)
+    return LiveCaptions(inversion, table, schema.EMBEDDING, vectors=inversion.learned)
 
 
 def embedding_of(loaded, source: str) -> tuple[str, torch.Tensor]:
     """(token, vectors (n, width)) of a textual-inversion checkpoint."""
-    from stablediff import run_schema as schema
     from stablediff.errors import CheckpointError
 
     record = loaded.meta.get(schema.TEXTUAL_INVERSION) or {}

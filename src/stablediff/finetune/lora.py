@@ -1,16 +1,18 @@
-"""LoRA / LoCon / DoRA adapters for the UNet: targets resolved against the real model, then attached.
+"""LoRA / LoCon / DoRA adapters for the UNet (and LoRA for the text encoder): targets resolved against the
+real model, then attached.
 
 A target is a module-name suffix, as peft matches it (`to_q` matches
 `...attn1.to_q`). Presets (config/finetune.py) expand to suffixes; every one
 of them must name at least one Linear or Conv2d of this UNet, because peft
-would otherwise train nothing for it without a word.
+would otherwise train nothing for it without a word. The text encoder's targets are
+fixed per encoder family (config/finetune.py TEXT_ENCODER_TARGETS: kohya's default).
 """
 
 from __future__ import annotations
 
 import torch
 
-from stablediff.config.finetune import ALL_LINEAR, LORA_TARGET_PRESETS, LoraSettings
+from stablediff.config.finetune import ALL_LINEAR, LORA_TARGET_PRESETS, TEXT_ENCODER_TARGETS, LoraSettings
 from stablediff.errors import ConfigError
 from stablediff.models.adapters import attach_lora
 from stablediff.models.lora_dropout import install_lora_dropout
@@ -66,4 +68,26 @@ def add_lora(model: torch.nn.Module, settings: LoraSettings, seed: int) -> dict:
         torch.manual_seed(seed)
         attach_lora(model, config)
     install_lora_dropout(model, settings.rank_dropout, settings.module_dropout)
+    return config
+
+
+def text_encoder_targets(model: torch.nn.Module) -> list[str]:
+    """The attention and MLP Linear suffixes of this text encoder's family (CLIP or BERT), each one present."""
+    linear = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    for suffixes in TEXT_ENCODER_TARGETS.values():
+        if all(any(_matches(name, s) for name in linear) for s in suffixes):
+            return list(suffixes)
+    raise ConfigError(f"finetune.text_encoder.lora: the text encoder {type(model).__name__} is neither a CLIP nor "
+                      f"a BERT text model (its Linear layers end in e.g. "
+                      f"{', '.join(sorted({_short_suffix(n) for n in linear})[:12])}), so stablediff does not know "
+                      "which of its layers to adapt; train the UNet's LoRA alone (finetune.text_encoder.lora: false)")
+
+
+def add_text_encoder_lora(model: torch.nn.Module, settings: LoraSettings, seed: int) -> dict:
+    """Adapters on the text encoder's attention and MLP (seeded like the UNet's); their LoraConfig."""
+    config = {"r": settings.rank, "lora_alpha": settings.scale_alpha, "lora_dropout": 0.0,
+              "target_modules": text_encoder_targets(model), "init_lora_weights": True, "use_dora": False}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)  # not the UNet's stream: its A matrices would repeat in the encoder's
+        attach_lora(model, config)
     return config

@@ -11,7 +11,9 @@ kohya layout, what A1111, ComfyUI and diffusers all load (REFERENCE 1.2, 2.4):
 `lora_unet_<module path, dots -> _>.lora_down.weight` (= peft lora_A),
 `.lora_up.weight` (= lora_B) and `.alpha`, always written: every loader scales
 by alpha / rank, and one without `.alpha` scales by 1, which is right only when
-alpha == rank. The text encoder's modules are `lora_te_<CLIP module path>`.
+alpha == rank. The text encoder's modules are `lora_te_<CLIP module path>`; a
+LoRA of our BERT/MiniLM text encoder has no kohya form (no tool has such a
+text encoder) and is refused there: the merged and diffusers exports carry it.
 
 diffusers layout: `pytorch_lora_weights.safetensors` in a folder, keys
 `unet.<module>.lora_A.weight` and `text_encoder.<module>...`, the LoraConfig in
@@ -37,7 +39,7 @@ from stablediff.models.lora_dropout import peft_keys
 from stablediff.models.run_export import lora_tensors
 
 LORA_METADATA_KEY = "lora_adapter_metadata"  # where diffusers' save_lora_weights keeps the LoraConfig
-TEXT_ENCODER = "text_encoder"  # the checkpoint's tensor group of a text encoder LoRA
+TEXT_ENCODER = schema.TEXT_ENCODER  # the checkpoint's tensor group of a text encoder LoRA
 KOHYA_PREFIX = {schema.UNET: "lora_unet", TEXT_ENCODER: "lora_te"}  # SD 1.x: one text encoder, `lora_te`
 # peft's tensor names: <module>.<part>[.<adapter name>].weight
 _PEFT_NAME = re.compile(r"(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_magnitude_vector)(?:\.[^.]+)?\.weight")
@@ -107,19 +109,36 @@ def lora_weights(loaded: LoadedCheckpoint, ema: bool, source: str) -> LoraWeight
     weights = LoraWeights()
     if unet or ema_unet:
         weights.modules[schema.UNET] = group_adapters(ema_unet if ema and ema_unet else unet, source)
-    if text:  # transformers 5's CLIPTextModel has no `text_model.` level; every LoRA file's names have it
-        weights.modules[TEXT_ENCODER] = {m if m.startswith("text_model.") else f"text_model.{m}": a
-                                         for m, a in group_adapters(text, source).items()}
-    config = dict(loaded.meta.get(schema.LORA_CONFIG) or {})
-    te_config = config.pop(TEXT_ENCODER, None)
+    if text:
+        weights.modules[TEXT_ENCODER] = text_encoder_modules(group_adapters(text, source))
+    config, te_config = schema.lora_configs(loaded.meta)
     # a text encoder LoRA without its own config was trained with the UNet's settings
-    weights.configs = {schema.UNET: config, TEXT_ENCODER: te_config or config}
+    weights.configs = {schema.UNET: config or {}, TEXT_ENCODER: te_config or config or {}}
     return weights
+
+
+def is_clip(modules) -> bool:
+    """Whether adapted text-encoder module paths are CLIP's (`...self_attn.q_proj`, `...mlp.fc1`), not BERT's."""
+    return all(".self_attn." in m or ".mlp." in m for m in modules)
+
+
+def text_encoder_modules(modules: dict[str, Adapter]) -> dict[str, Adapter]:
+    """transformers 5's CLIPTextModel has no `text_model.` level; every LoRA file's CLIP names have it."""
+    if not is_clip(modules):
+        return modules  # BERT's own paths (a diffusers-layout file; the kohya layout refuses them)
+    return {m if m.startswith("text_model.") else f"text_model.{m}": a for m, a in modules.items()}
 
 
 def kohya_state(weights: LoraWeights) -> dict[str, torch.Tensor]:
     """`lora_unet_<module_>.lora_down.weight`, `.lora_up.weight` and `.alpha` (a 0-d float32 tensor)."""
     state: dict[str, torch.Tensor] = {}
+    text = weights.modules.get(TEXT_ENCODER)
+    if text and not is_clip(text):
+        raise CheckpointError("this run trained LoRA adapters on its BERT/MiniLM text encoder; the kohya layout's "
+                              "lora_te_ keys name CLIP's layers, so A1111 and ComfyUI have nothing to apply them to. "
+                              "Export it with --format diffusers or single-file (adapters merged), or "
+                              "--format lora-diffusers, and generate from the run directory itself "
+                              "(`stablediff generate RUN_DIR`)")
     for component, modules in weights.modules.items():
         for module, adapter in modules.items():
             if adapter.magnitude is not None:

@@ -84,6 +84,9 @@ def training_metadata(meta: Mapping[str, Any], step: int) -> dict[str, Any]:
              "ss_prediction_type": _get(config, "train.prediction_type"),
              "ss_num_train_images": _get(meta, "sampler.num_samples")}
     out |= {k: v for k, v in known.items() if v is not None}
+    if _get(config, "finetune.text_encoder.lora"):  # kohya's per-part rates
+        unet_lr, text_lr = known["ss_learning_rate"], _get(config, "finetune.text_encoder.learning_rate")
+        out |= {"ss_unet_lr": unet_lr, "ss_text_encoder_lr": unet_lr if text_lr is None else text_lr}
     resolution = _get(config, "data.resolution")
     if resolution:
         out["ss_resolution"] = str((resolution, resolution))  # kohya: "(512, 512)"

@@ -76,12 +76,13 @@ def build_finetune(run: RunContext, resume, trust_pickle: bool, device, check, *
 
 
 def trainable_state(run: RunContext, base: Base, loaded, num_samples: int, bucket_ids, device):
-    """The train state of what trains: adapters or unfrozen weights (reported), or the new token's vectors."""
+    """The train state of what trains: adapters or unfrozen weights (reported), or the new token's vectors; and
+    the text encoder's adapters (their own learning rate) with finetune.text_encoder.lora."""
     config, ft = run.config, run.config.finetune
     lora = make_trainable(base.pipe.unet, ft, config.seed)
-    live = None
-    if ft.method == "textual_inversion":  # after the features were cached: the cache never sees the token
-        live = make_live_captions(base.pipe, ft, loaded.captions, config.train.gradient_accumulation_steps)
+    # after the features were cached: the cache never sees the token or the adapters
+    live = make_live_captions(base.pipe, ft, loaded.captions, config.train.gradient_accumulation_steps, config.seed)
+    if ft.method == "textual_inversion":
         say(f"textual inversion: the {ft.num_vectors} vector(s) of {ft.token!r} train (from {ft.init_token!r}); "
             "the UNet and text encoder are frozen")
     else:
@@ -89,10 +90,17 @@ def trainable_state(run: RunContext, base: Base, loaded, num_samples: int, bucke
         say(format_report(report))
         if run.metrics is not None:
             run.metrics.write(event="trainable", blocks=report)
+    text_lr = None  # textual inversion's vectors: train.learning_rate
+    if ft.text_encoder.lora:  # the adapters' LoraConfig goes into the checkpoint with the UNet's
+        text_lr, lora[schema.TEXT_ENCODER] = ft.text_encoder.learning_rate, live.encoder.config
+        base.pipe.text_encoder.to(device)  # it runs forward and backward every step now
+        count = sum(p.numel() for p in live.parameters() if p.requires_grad)
+        say(f"text encoder LoRA: {count:,} adapter parameters train (rank {live.encoder.config['r']}, learning "
+            f"rate {text_lr if text_lr is not None else config.train.learning_rate:g})")
     state = make_train_state(base.pipe.unet, config.train, num_samples, config.seed, 1, 0, device, config.guard,
-                             bucket_ids=bucket_ids, extra_groups=((live, None),) if live else ())
+                             bucket_ids=bucket_ids, extra_groups=((live, text_lr),) if live else ())
     state.trained_only, state.live_text = True, live
-    inversion = {"token": ft.token, "num_vectors": ft.num_vectors} if live else None
+    inversion = {"token": ft.token, "num_vectors": ft.num_vectors} if ft.method == "textual_inversion" else None
     state.extra = {schema.VAE_SCALING_FACTOR: base.pipe.vae.config.scaling_factor, schema.VAE_REPORT: None,
                    schema.FINETUNE_BASE: base.record, schema.LORA_CONFIG: lora, schema.TEXTUAL_INVERSION: inversion}
     return state

@@ -19,13 +19,19 @@ ADAPTER = "default"  # peft's adapter name inside the model (`.lora_A.default.we
 def attach_lora(model: torch.nn.Module, config: dict) -> None:
     """Add one peft LoRA adapter (`config`: LoraConfig's keys) and freeze everything else.
 
-    diffusers' UNet and transformers' text models both have `add_adapter`, which
-    injects the layers and leaves only the adapters trainable."""
-    from peft import LoraConfig
+    A diffusers model (the UNet) gets it through its own `add_adapter`, which records it for
+    diffusers' adapter API. A text encoder (transformers' CLIPTextModel, our BERT) gets peft's
+    `inject_adapter_in_model`, which is what transformers' `add_adapter` calls but without its
+    peft version requirement; both leave only the adapters trainable."""
+    from peft import LoraConfig, inject_adapter_in_model
 
     from stablediff.models.lora_dropout import peft_keys  # the record's rank/module dropout are not peft's
 
-    model.add_adapter(LoraConfig(**peft_keys(config)), adapter_name=ADAPTER)
+    lora = LoraConfig(**peft_keys(config))
+    if hasattr(model, "set_adapters"):  # diffusers' PeftAdapterMixin
+        model.add_adapter(lora, adapter_name=ADAPTER)
+    else:
+        inject_adapter_in_model(lora, model, adapter_name=ADAPTER)
 
 
 def trained_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -50,7 +56,8 @@ def load_trained(model: torch.nn.Module, tensors: dict[str, torch.Tensor], sourc
 
 @torch.no_grad()
 def merged_copy(model: torch.nn.Module, scale: float = 1.0) -> torch.nn.Module:
-    """A plain copy of a LoRA'd diffusers model with its adapters merged at `scale`.
+    """A plain copy of a LoRA'd model (a diffusers UNet, a transformers text encoder) with its adapters
+    merged at `scale`.
 
     peft's own merge does the arithmetic (W + scale * alpha/r * BA, and DoRA's magnitude
     normalisation); the copy has the base class and config and no peft layers, so it saves like
@@ -66,7 +73,8 @@ def merged_copy(model: torch.nn.Module, scale: float = 1.0) -> torch.nn.Module:
             module.merge(adapter_names=[ADAPTER])
     state = {name.replace(".base_layer.", "."): value for name, value in work.state_dict().items()
              if "lora_" not in name}
-    plain = type(model).from_config(model.config)
+    cls = type(model)
+    plain = cls.from_config(model.config) if hasattr(cls, "from_config") else cls._from_config(model.config)
     plain.load_state_dict(state)
     dtype = next(model.parameters()).dtype
     return (plain if plain.dtype == dtype else plain.to(dtype)).eval()  # .to() only when needed: diffusers warns

@@ -2,8 +2,9 @@
 
 A fine-tune checkpoint holds only what trains (models/adapters.py): the UNet's
 LoRA adapters (`unet/...lora_A.default.weight`, and their EMA under `ema/`) or
-its unfrozen weights. The frozen rest is the base, copied once into RUN_DIR/base
-as a diffusers folder when the run started (finetune/base.py).
+its unfrozen weights, and a text-encoder LoRA's adapters (`text_encoder/...`).
+The frozen rest is the base, copied once into RUN_DIR/base as a diffusers
+folder when the run started (finetune/base.py).
 """
 
 from __future__ import annotations
@@ -54,14 +55,19 @@ def finetuned_pipeline(run_dir: Path, loaded: LoadedCheckpoint, ema: bool = True
         vectors = schema.unprefixed(schema.EMBEDDING, loaded.tensors)["vectors"]
         add_token_vectors(pipe.tokenizer, pipe.text_encoder, inversion["token"], vectors)
         return pipe
-    lora = loaded.meta.get(schema.LORA_CONFIG)
-    if lora:
-        attach_lora(pipe.unet, lora)
+    unet_lora, text_lora = schema.lora_configs(loaded.meta)
+    if unet_lora:
+        attach_lora(pipe.unet, unet_lora)
     weights = trained_group(loaded, ema)
     if not weights:
         raise CheckpointError(f"{source} holds no trained UNet tensors")
     load_trained(pipe.unet, weights, source)
-    if lora:
+    if unet_lora:
         pipe.unet = merged_copy(pipe.unet, scale)
     pipe.unet.eval()
+    text_weights = schema.unprefixed(schema.TEXT_ENCODER, loaded.tensors)
+    if text_lora and text_weights:  # the text encoder's adapters (no EMA: the raw ones), merged the same way
+        attach_lora(pipe.text_encoder, text_lora)
+        load_trained(pipe.text_encoder, text_weights, f"{source} (text encoder)")
+        pipe.text_encoder = merged_copy(pipe.text_encoder, scale)
     return pipe

@@ -7,6 +7,7 @@ Stage 2 ("unet"), one checkpoint per UNet step. Tensors (flat names, stored as
 content-addressed chunks):
   vae/*            the autoencoder (frozen after stage 1: costs no bytes after the first save)
   unet/*, ema/*    the UNet and its moving average
+  embedding/*, text_encoder/*  a fine-tune's trainable part of the text encoder, when it has one
   optim/<i>/<key>  the optimizer's per-parameter tensors (AdamW: exp_avg, exp_avg_sq, step; a nested
                    dict of state, as bitsandbytes keeps, adds a level: optim/<i>/<key>/<key>)
   rng/torch, rng/numpy, rng/cuda/<d>  the global generators' states
@@ -78,7 +79,8 @@ def capture(state, vae: torch.nn.Module | None, config_dump: dict, fingerprints:
 
 
 def model_tensors(state, vae: torch.nn.Module | None) -> dict[str, torch.Tensor]:
-    """vae/*, unet/*, ema/* and, with textual inversion, embedding/*. A fine-tune (`trained_only`) keeps only
+    """vae/*, unet/*, ema/* and, with textual inversion, embedding/* (text_encoder/* with a text-encoder
+    LoRA). A fine-tune (`trained_only`) keeps only
     what trains: the frozen rest is its base (RUN_DIR/base), not checkpoint bytes."""
     tensors: dict[str, torch.Tensor] = {}
     if vae is not None:  # pixel-space models and fine-tunes have none
@@ -89,8 +91,8 @@ def model_tensors(state, vae: torch.nn.Module | None) -> dict[str, torch.Tensor]
         unet, ema = ({k: v for k, v in sd.items() if k in names} for sd in (unet, ema))
     tensors.update(schema.prefixed(schema.UNET, unet))
     tensors.update(schema.prefixed(schema.EMA, ema))
-    if state.live_text is not None:
-        tensors.update(schema.prefixed(schema.EMBEDDING, state.live_text.state_dict()))
+    if state.live_text is not None:  # embedding/* or text_encoder/* (its `group`)
+        tensors.update(schema.prefixed(state.live_text.group, state.live_text.state_dict()))
     return tensors
 
 
@@ -130,7 +132,7 @@ def restore(state, tensors: dict[str, torch.Tensor], meta: dict, rank: int = 0) 
         state.unet.load_state_dict(schema.unprefixed(schema.UNET, tensors))
         state.ema.load_state_dict(schema.unprefixed(schema.EMA, tensors))
     if state.live_text is not None:
-        state.live_text.load_state_dict(schema.unprefixed(schema.EMBEDDING, tensors))
+        state.live_text.load_state_dict(schema.unprefixed(state.live_text.group, tensors))
     restore_optimizer(state.optimizer, schema.OPTIM, tensors, meta, f"the checkpoint of step {meta[schema.STEP]}")
     state.lr_scheduler.load_state_dict(meta["lr_scheduler"])
     state.order.load_state_dict(meta["sampler"])  # meta key "sampler" = the data order (old spelling, kept)

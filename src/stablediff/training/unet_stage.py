@@ -51,8 +51,9 @@ class UNetTrainState:
     pending_skip: int = 0  # batches the data order still has to pass over (set by a rollback, used at once)
     stop_reason: str | None = None  # set by early stopping: the loop ends after this step
     trained_only: bool = False  # a fine-tune: checkpoints hold only the parameters that train
-    # Textual inversion: captions are encoded each step through the new token's trainable vectors (an
-    # object with encode_rows(rows) -> (B, L, D), parameters(), state_dict(), load_state_dict()).
+    # Textual inversion or text-encoder LoRA: captions are encoded each step through the text encoder's
+    # trainable part (finetune/live_captions.py: a module with encode_rows(rows) -> (B, L, D), encode(captions),
+    # state_dict(), load_state_dict() and `group`, the checkpoint's tensor group of its state).
     live_text: object | None = None
     extra: dict = field(default_factory=dict)
 
@@ -61,9 +62,9 @@ class UNetTrainState:
             self.model = self.unet
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        """What the optimizer steps (and gradient clipping sees): the UNet's trained weights and, with
-        textual inversion, the new token's vectors."""
-        extra = list(self.live_text.parameters()) if self.live_text is not None else []
+        """What the optimizer steps (and gradient clipping sees): the UNet's trained weights and the text
+        encoder's (textual inversion's vectors, a text-encoder LoRA's adapters)."""
+        extra = [p for p in self.live_text.parameters() if p.requires_grad] if self.live_text is not None else []
         return [p for p in self.unet.parameters() if p.requires_grad] + extra
 
     def scale_lr(self, factor: float) -> None:
@@ -91,7 +92,8 @@ def make_train_state(unet: UNet2DConditionModel, cfg: TrainConfig, num_samples: 
                      world_size: int = 1, rank: int = 0, device: torch.device | None = None,
                      guard_cfg: GuardConfig | None = None, bucket_ids: list[int] | None = None,
                      extra_groups: tuple = ()) -> UNetTrainState:
-    """`extra_groups`: more (module, lr or None) for the optimizer, e.g. textual inversion's vectors."""
+    """`extra_groups`: more (module, lr or None) for the optimizer, e.g. textual inversion's vectors or the
+    text encoder's adapters (their requires_grad parameters train)."""
     device = device or torch.device("cpu")
     prepare_unet(unet, device, cfg.gradient_checkpointing, cfg.channels_last)
     optimizer = make_optimizer([(unet, None), *extra_groups], cfg)
