@@ -6,13 +6,14 @@ import torch
 from diffusers import UNet2DConditionModel
 
 
-def tiny_unet(seed: int = 0) -> UNet2DConditionModel:
-    """A cross-attention UNet on (B, 4, 8, 8) latents with 32-wide text embeddings."""
+def tiny_unet(seed: int = 0, channels: int = 4, widths: tuple[int, int] = (16, 32),
+              groups: int = 8) -> UNet2DConditionModel:
+    """A cross-attention UNet on (B, channels, 8, 8) latents with 32-wide text embeddings."""
     torch.manual_seed(seed)
     return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        sample_size=8, in_channels=channels, out_channels=channels, block_out_channels=widths, layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8)
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=groups)
 
 
 # A fixed batch for the objective and schedule tests: latents, text states, noise, four timesteps.

@@ -20,11 +20,7 @@ TRAIN_STEPS = 40
 
 def pixel_unet(seed: int = 0) -> UNet2DConditionModel:
     """A pixel-space UNet: 3-channel 8 x 8 images in and out, 32-wide text embeddings."""
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=4)
+    return tiny_unet(seed, channels=3, widths=(8, 16), groups=4)
 
 
 def images(n: int = 4) -> torch.Tensor:
