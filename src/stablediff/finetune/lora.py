@@ -64,9 +64,7 @@ def add_lora(model: torch.nn.Module, settings: LoraSettings, seed: int) -> dict:
     """Attach the adapters (initialised from `seed`: a fresh run is reproducible) with their rank/module
     dropout, and return their config."""
     config = lora_config(settings, model)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        attach_lora(model, config)
+    attach_seeded(model, config, seed)
     install_lora_dropout(model, settings.rank_dropout, settings.module_dropout)
     return config
 
@@ -87,7 +85,12 @@ def add_text_encoder_lora(model: torch.nn.Module, settings: LoraSettings, seed: 
     """Adapters on the text encoder's attention and MLP (seeded like the UNet's); their LoraConfig."""
     config = {"r": settings.rank, "lora_alpha": settings.scale_alpha, "lora_dropout": 0.0,
               "target_modules": text_encoder_targets(model), "init_lora_weights": True, "use_dora": False}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + 1)  # not the UNet's stream: its A matrices would repeat in the encoder's
-        attach_lora(model, config)
+    attach_seeded(model, config, seed + 1)  # not the UNet's stream: its A matrices would repeat in the encoder's
     return config
+
+
+def attach_seeded(model: torch.nn.Module, config: dict, seed: int) -> None:
+    """Attach adapters initialised from `seed` alone, leaving the global random stream as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        attach_lora(model, config)
