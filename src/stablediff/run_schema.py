@@ -54,6 +54,25 @@ BULKY_META = (CONFIG, RNG_META, OPTIMIZER_PARAM_GROUPS, OPTIMIZER_SCALARS)
 
 # -- the best checkpoint -----------------------------------------------------------------------
 BEST_METRIC = "val_loss"  # what retention's keep_best and `--best` rank checkpoints by (lower is better)
+# Every metric a checkpoint can carry, with its direction ("min": lower is better). The one home of both:
+# config validation, retention, early stopping, `stablediff eval` and the report read them from here;
+# evaluation/registry.py holds how each is computed.
+METRIC_MODES = {
+    "val_loss": "min",  # the validation loss at fixed timesteps and noise
+    "fd": "min",  # Frechet distance to the real held-out images' features
+    "kid": "min",  # kernel inception distance, the same features
+    "adherence": "max",  # share of generated digits the classifier reads as the digit asked for
+    "bpd": "min",  # bits per (latent) dimension from the variational bound
+    "clip": "max",  # CLIP score of the images against their prompts
+}
+
+
+def metric_mode(name: str) -> str:
+    """"min" or "max" for a known metric; a KeyError names the known ones."""
+    try:
+        return METRIC_MODES[name]
+    except KeyError:
+        raise KeyError(f"unknown metric {name!r}; known: {', '.join(METRIC_MODES)}") from None
 
 
 def prefixed(group: str, tensors: Mapping[str, Any]) -> dict[str, Any]:
