@@ -51,8 +51,9 @@ def chromium(page: Path, profile: Path, *flags: str) -> str:
     """Run headless Chromium on `page` (a fresh profile per call); its stdout."""
     binary = shutil.which("chromium")
     assert binary, "chromium is not installed: run `bash scripts/install-system.sh` (make install does)"
+    # A script that got through unescaped (alert) blocks headless Chromium: the timeout turns that into a failure.
     result = subprocess.run([binary, "--headless", "--disable-gpu", "--no-sandbox", f"--user-data-dir={profile}",
-                             *flags, page.as_uri()], capture_output=True, text=True, timeout=90)
+                             *flags, page.as_uri()], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 

@@ -4,9 +4,9 @@
 figures (plots), writes them under RUN_DIR/plots/ and inlines the same PNGs into
 a self-contained report.html (report_html). Every file is written atomically
 (io.atomic), so a browser or a copy never sees half a report, and a run with
-nothing evaluated yet still gets a report that says what is missing. Callers:
-`stablediff report RUN_DIR`, `stablediff eval` and the training loop after an
-evaluation.
+nothing evaluated yet still gets a report that says what is missing.
+`stablediff report RUN_DIR` calls it; it is also the one entry point for
+`stablediff eval` and the training loop to rewrite the report after an evaluation.
 """
 
 from __future__ import annotations
