@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import click
@@ -10,6 +11,16 @@ import click
 # optional torchvision) are not the user's business.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+# diffusers imports bitsandbytes, whose CPU backend tries at import time to fetch an optional 4-bit
+# kernel from the Hugging Face Hub on CPUs with AVX512-BF16 and logs two warnings when it cannot
+# (offline, always here). We never use 4-bit kernels; only those two notices are dropped.
+_IMPORT_NOTICES = {
+    "kernels._internals.hf_hub": "Skipping publisher trust check",
+    "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward",
+}
+for _logger, _start in _IMPORT_NOTICES.items():
+    logging.getLogger(_logger).addFilter(lambda record, start=_start: not record.getMessage().startswith(start))
 
 from stablediff.cli.errors import run_cli
 
