@@ -16,9 +16,8 @@ from typing import Callable
 
 from stablediff import run_schema as schema
 from stablediff.errors import CheckpointError, ConfigError, MissingPathError
-from stablediff.evaluation.context import EvalContext, EvalSettings, HeldOut
-from stablediff.evaluation.registry import MetricResult, available_metrics, check_requirements, evaluate, \
-    metric_settings
+from stablediff.evaluation.metric_result import MetricResult
+from stablediff.evaluation.settings import EvalSettings, available_metrics, check_requirements, metric_settings
 from stablediff.evaluation.results import CHECKPOINTS, MODELS, best_mark, cached_result, computed_metrics, \
     record_results
 from stablediff.io.run_files import read_eval
@@ -56,12 +55,12 @@ def is_run_dir(path: Path) -> bool:
 def kept_checkpoints(run_dir: Path) -> tuple[object, list, dict[int, str], dict[int, dict]]:
     """(store, replicas, {step: manifest checksum}, {step: config dict}) of the run's valid, not abandoned,
     text-to-image checkpoints."""
-    from stablediff.models.run_export import open_run_store
+    from stablediff.checkpoint.run_stores import run_stores
 
     if not (run_dir / "checkpoints" / "manifests").is_dir():
         raise MissingPathError(f"{run_dir} has no checkpoints yet (no checkpoints/manifests/), so there is nothing "
                                "to evaluate; train it first (`stablediff train`), or give a diffusers folder")
-    store, replicas = open_run_store(run_dir)
+    store, replicas = run_stores(run_dir)
     identities, configs = {}, {}
     for summary in store.list():
         if not summary.valid:
@@ -96,7 +95,7 @@ def evaluate_run(run_dir: Path, plan: EvalPlan, steps: list[int] | None) -> tupl
     chosen = select_steps(identities, steps, run_dir)
     out_dir = plan.out_dir or run_dir
     plan.metrics_for(RunConfig.model_validate(configs[chosen[-1]]))  # fail before any checkpoint is loaded
-    held_out: dict[str, HeldOut] = {}
+    held_out: dict[str, object] = {}  # data config -> HeldOut: read once for every checkpoint
     evaluated = []
     for step in chosen:
         config = RunConfig.model_validate(configs[step])
@@ -113,7 +112,7 @@ def evaluate_run(run_dir: Path, plan: EvalPlan, steps: list[int] | None) -> tupl
 
 
 def _evaluate_one(plan: EvalPlan, config, out_dir: Path, section: str, key: str, identity: str,
-                  load: Callable[[], object], held_out: dict[str, HeldOut], train_scheduler=None) -> Evaluated:
+                  load: Callable[[], object], held_out: dict, train_scheduler=None) -> Evaluated:
     """One model's metrics: cached ones read back, the others computed and recorded at once."""
     started = time.perf_counter()
     names = plan.metrics_for(config)
@@ -123,6 +122,9 @@ def _evaluate_one(plan: EvalPlan, config, out_dir: Path, section: str, key: str,
     cached = {n for n, r in results.items() if r is not None}
     missing = [n for n in names if n not in cached]
     if missing:
+        from stablediff.evaluation.context import EvalContext
+        from stablediff.evaluation.registry import evaluate
+
         pipe = _to_device(load())
         data_key = config.data.model_dump_json()
         context = EvalContext(pipe, config, plan.settings, held_out_data=held_out.get(data_key),
@@ -179,6 +181,8 @@ def evaluate_model(model: Path, plan: EvalPlan, data_source: str) -> Evaluated:
     from stablediff.config import RunConfig
     from stablediff.inference.metadata import file_short_hash
     from stablediff.inference.pipeline import model_default_size
+    from stablediff.evaluation.context import EvalContext
+    from stablediff.evaluation.registry import evaluate
     from stablediff.inference.resolve import load_source, resolve_model
 
     source = resolve_model(model)
