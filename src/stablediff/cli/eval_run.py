@@ -9,6 +9,7 @@ checkpoints that have a result for the ranking metric.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,8 +182,6 @@ def evaluate_model(model: Path, plan: EvalPlan, data_source: str) -> Evaluated:
     from stablediff.config import RunConfig
     from stablediff.inference.metadata import file_short_hash
     from stablediff.inference.pipeline import model_default_size
-    from stablediff.evaluation.context import EvalContext
-    from stablediff.evaluation.registry import evaluate
     from stablediff.inference.resolve import load_source, resolve_model
 
     source = resolve_model(model)
@@ -194,11 +193,11 @@ def evaluate_model(model: Path, plan: EvalPlan, data_source: str) -> Evaluated:
         "train": {"prediction_type": scheduler_config.get("prediction_type", "epsilon")}})
     weights = source.weights_file()
     identity = f"autov2:{file_short_hash(weights)}" if weights is not None else f"path:{source.path}"
-    out_dir = plan.out_dir
-    if out_dir is None:  # nothing to cache in: evaluate and print
-        return Evaluated(str(source.path), evaluate(EvalContext(_to_device(pipe), config, plan.settings,
-                                                                train_scheduler=DDPMScheduler.from_config(
-                                                                    scheduler_config)), plan.metrics_for(config)))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return _evaluate_one(plan, config, out_dir, MODELS, str(source.path), identity, lambda: pipe, {},
-                         DDPMScheduler.from_config(scheduler_config))
+    scheduler = DDPMScheduler.from_config(scheduler_config)  # the model's own noise schedule (val_loss, bpd)
+    if plan.out_dir is not None:
+        plan.out_dir.mkdir(parents=True, exist_ok=True)
+        return _evaluate_one(plan, config, plan.out_dir, MODELS, str(source.path), identity, lambda: pipe, {},
+                             scheduler)
+    with tempfile.TemporaryDirectory(prefix="stablediff-eval-") as scratch:  # no --out: print, keep nothing
+        return _evaluate_one(plan, config, Path(scratch), MODELS, str(source.path), identity, lambda: pipe, {},
+                             scheduler)
