@@ -1,14 +1,28 @@
-"""Fixtures shared by the evaluation tests."""
+"""Fixtures shared by the evaluation tests: the hand-built run directory of hand_run.py, a tiny CLIP folder."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 
+from tests.evaluation.hand_run import build_evaluated_run
 from tests.models.tiny_sd import tiny_clip_tokenizer_folder
 
 IMAGE_SIZE = 16
 MAX_TOKENS = 8  # the tiny tokenizer's and text encoder's length, special tokens included
+
+
+@pytest.fixture
+def evaluated_run(tmp_path) -> Path:
+    return build_evaluated_run(tmp_path / "run")
+
+
+@pytest.fixture(scope="session")
+def make_evaluated_run():
+    """`build_evaluated_run`, for fixtures of a wider scope than a test's."""
+    return build_evaluated_run
 
 
 @pytest.fixture(scope="module")
