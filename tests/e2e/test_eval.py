@@ -60,7 +60,7 @@ def ema_unet_hash(run_dir: Path, step: int) -> str:
     return bytes_short_hash(save({k: v.contiguous() for k, v in unprefixed(EMA, tensors).items()}))
 
 
-def test_eval_writes_every_kept_checkpoints_metrics_and_marks_the_best_by_fd(evaluated):
+def test_eval_writes_every_kept_checkpoints_metrics_marks_the_best_by_fd_and_rewrites_the_report(evaluated):
     run_dir, result, data = evaluated
     checkpoints = data["checkpoints"]
     assert list(checkpoints) == ["0", "2", "4"]
@@ -75,6 +75,7 @@ def test_eval_writes_every_kept_checkpoints_metrics_and_marks_the_best_by_fd(eva
     rows = [line.split()[:2] for line in result.stdout.splitlines()[1:]]
     assert [row[0] for row in rows] == ["0", "2", "4"] and rows[[0, 2, 4].index(best)][1] == "*"
     assert f"best: step {best} by fd" in result.stderr
+    assert f"report: {run_dir / 'report.html'}" in result.stderr and (run_dir / "plots" / "metric-fd.png").is_file()
 
 
 def test_a_second_run_is_served_from_the_cache_with_the_same_numbers(evaluated):
@@ -133,6 +134,7 @@ def test_a_run_being_trained_is_refused_and_out_elsewhere_reads_it_without_writi
     assert len(refused.stderr.strip().splitlines()) == 1
     assert (evaluated[0] / "eval.json").read_bytes() == before
     assert out_data["best"]["metric"] == "kid"
+    assert "report:" not in elsewhere[2].stderr  # read-only: the run's report is the run's to rewrite
 
 
 def test_changed_settings_recompute_only_what_they_change(evaluated, elsewhere):

@@ -90,12 +90,12 @@ def eval_cmd(target: Path, metrics, num_samples, steps_text, seed, sample_steps,
     writes_run = run and (out_dir is None or out_dir.resolve() == target.resolve())
     if writes_run:
         with run_dir_locked(target, "stablediff eval", EVAL_HINT):
-            _run(target, names, steps)
+            _run(target, names, steps, report=True)
     else:
-        _run(target, names, steps)
+        _run(target, names, steps, report=False)
 
 
-def _run(target: Path, names: list[str] | None, steps: list[int] | None) -> None:
+def _run(target: Path, names: list[str] | None, steps: list[int] | None, report: bool) -> None:
     """Evaluate and print, with the command line's options (click's parsed parameters)."""
     from stablediff.cli.eval_run import EvalPlan, evaluate_model, evaluate_run, is_run_dir, mark_best
     from stablediff.cli.eval_table import print_results
@@ -121,6 +121,10 @@ def _run(target: Path, names: list[str] | None, steps: list[int] | None) -> None
                                                          for e in evaluated}}, indent=2))
     else:
         print_results(evaluated, mark, say)
+    if report:  # into the run: its report shows the new numbers (read-only --out evaluations leave it as it was)
+        from stablediff.evaluation.report import write_report
+
+        say(f"report: {write_report(target)}")
 
 
 def _path(value: Path | None) -> str | None:
