@@ -36,10 +36,10 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 def _register() -> None:
-    from stablediff.cli import ckpt, data, demo, finetune, generate, lora, report, train
+    from stablediff.cli import ckpt, data, demo, eval, finetune, generate, lora, report, train
 
-    for command in (train.train, finetune.finetune, demo.demo, generate.generate, ckpt.group, data.group, lora.group,
-                    report.report):
+    for command in (train.train, finetune.finetune, demo.demo, generate.generate, eval.eval_cmd, ckpt.group,
+                    data.group, lora.group, report.report):
         cli.add_command(command)
 
 
