@@ -13,9 +13,7 @@ from pathlib import Path
 import torch
 
 from stablediff.config import RunConfig
-from stablediff.evaluation.val_loss import validation_loss
-
-VALIDATION_SAMPLES = 64  # held-out images in the validation loss (fixed: comparable across checkpoints)
+from stablediff.evaluation.val_loss import VALIDATION_SAMPLES, validation_loss
 
 
 @dataclass
