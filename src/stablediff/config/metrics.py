@@ -65,3 +65,19 @@ def default_mode(data: object) -> object:
                          f"{expected!r} ({'lower' if expected == 'min' else 'higher'} is better); remove "
                          "early_stopping.mode (it follows the metric)")
     return data
+
+
+NEEDS_HELD_OUT = ("fd", "kid", "bpd")  # compared with (or scored on) the real held-out images
+
+
+def check_evaluable(eval_metrics: list[str], pixel_space: bool, holds_out_images: bool) -> None:
+    """What train-time evaluation needs of the model and the data."""
+    if eval_metrics and pixel_space:
+        raise ValueError("train.eval_metrics are computed through the text-to-image pipeline, which a pixel-space "
+                         "model (vae.enabled: false) does not have; remove train.eval_every and "
+                         "train.eval_metrics (train.validate_every's val_loss works for it)")
+    needing = [name for name in eval_metrics if name in NEEDS_HELD_OUT]
+    if needing and not holds_out_images:
+        raise ValueError(f"train.eval_metrics {needing} compare with held-out images, but data.held_out_fraction "
+                         "is 0 and there is no data.validation_source; give one of them, or leave "
+                         f"{', '.join(needing)} out")

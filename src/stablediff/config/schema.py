@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from stablediff.config.finetune import EarlyStoppingConfig, FinetuneConfig
-from stablediff.config.metrics import check_computed, check_eval_metrics, check_metric_name
+from stablediff.config.metrics import check_computed, check_eval_metrics, check_evaluable, check_metric_name
 from stablediff.run_schema import metric_mode
 
 
@@ -301,6 +301,7 @@ class RunConfig(Section):
     def _ranked_metrics_are_computed(self) -> "RunConfig":
         train, early = self.train, self.early_stopping
         check_eval_metrics(train.eval_metrics, train.eval_every)
+        check_evaluable(train.eval_metrics, not self.vae.enabled, self.data.holds_out_images())
         watched = [("early_stopping.metric", early.metric)] if early.patience is not None or \
             early.metric != "val_loss" else []
         if self.checkpoint.best_metric is not None:

@@ -65,7 +65,9 @@ class RunHooks(LoopHooks):
                                      force=validated or evaluated)
         if evaluated and self.evaluator is not None:  # eval.json's entries name the committed checkpoint
             self.checkpointer.wait()
-            self.evaluator.record(state.step, self.checkpointer.primary)
+            problem = self.evaluator.record(state.step, self.checkpointer.primary)
+            if problem:
+                print(problem, file=sys.stderr, flush=True)
         if improved and self.dist.is_main:  # after the save is queued: the mark names a checkpoint being written
             update_eval(self.run_dir, best=self.best.best_mark())
 
