@@ -25,9 +25,10 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 def _register() -> None:
-    from stablediff.cli import ckpt, data, demo, finetune, generate, lora, train
+    from stablediff.cli import ckpt, data, demo, eval, finetune, generate, lora, train
 
-    for command in (train.train, finetune.finetune, demo.demo, generate.generate, ckpt.group, data.group, lora.group):
+    for command in (train.train, finetune.finetune, demo.demo, generate.generate, eval.eval_cmd, ckpt.group,
+                    data.group, lora.group):
         cli.add_command(command)
 
 

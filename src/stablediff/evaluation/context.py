@@ -93,7 +93,7 @@ class _Validation:
 class EvalContext:
     """One model, what it was trained on, and the settings; see the module docstring.
 
-    `validation` and `held_out_data` may be given by a training loop that has them already;
+    `validation_set` and `held_out_data` may be given by a training loop that has them already;
     `data_dir` receives the quarantine log should reading a non-builtin source reject images
     (default: a temporary folder, so evaluation never writes into a run)."""
 
@@ -103,6 +103,7 @@ class EvalContext:
     validation_set: ValidationLike | None = None
     held_out_data: HeldOut | None = None
     data_dir: Path | None = None
+    train_scheduler: Any = None  # the training noise schedule (default: built from config.noise)
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -131,8 +132,8 @@ class EvalContext:
     def noise_scheduler(self):
         from stablediff.models.build import build_noise_scheduler
 
-        return self.once("noise_scheduler",
-                         lambda: build_noise_scheduler(self.config.noise, self.config.train.prediction_type))
+        return self.once("noise_scheduler", lambda: self.train_scheduler or
+                         build_noise_scheduler(self.config.noise, self.config.train.prediction_type))
 
     def encoded_held_out(self, count: int) -> _Validation:
         """Latents (scaled posterior means, on the UNet's device) and caption embeddings of the first
