@@ -122,3 +122,19 @@ def test_a_resume_after_an_evaluation_logs_each_evaluation_once(evaluated, tmp_p
     assert len(steps) == len(set(steps))
     identity = CheckpointStore(run_dir / "checkpoints").read_manifest(4).checksum
     assert read_eval(run_dir)[CHECKPOINTS]["4"]["checkpoint"] == identity
+
+
+def test_a_lora_fine_tune_evaluates_too_and_export_best_follows_the_mark(evaluated, tmp_path):
+    from stablediff.finetune.plan import plan_finetune
+    from stablediff.finetune.run import run_finetune
+    from stablediff.models.run_export import best_step
+
+    run_dir = tmp_path / "ft"
+    config = load_config("tiny", [*QUIET, *EVAL, "train.eval_metrics=[fd]", f"finetune.base={evaluated}",
+                                  "finetune.lora.rank=1", "checkpoint.best_metric=fd"])
+    run_finetune(plan_finetune(config, run_dir), run_dir)
+    fd = {r["step"]: r["fd"] for r in eval_records(run_dir)}
+    assert sorted(fd) == [2, 4]
+    best = min(fd, key=lambda step: (fd[step], step))
+    assert read_eval(run_dir)["best"]["step"] == best
+    assert best_step(CheckpointStore(run_dir / "checkpoints"), run_dir) == best  # what export/generate --best take
