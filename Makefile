@@ -16,7 +16,8 @@ test: $(STAMP)
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/install-torch.sh
+$(STAMP): pyproject.toml scripts/install-torch.sh scripts/install-system.sh
+	bash scripts/install-system.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	bash scripts/install-torch.sh $(PY)
 # pyproject's build requirements too: tests/e2e/test_wheel.py builds the wheel offline, without isolation.

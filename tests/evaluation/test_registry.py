@@ -139,3 +139,45 @@ def test_the_settings_key_changes_with_what_the_number_depends_on(tmp_path):
     assert metric_settings("val_loss", EvalSettings(num_samples=5), DIGITS) == \
         metric_settings("val_loss", EvalSettings(num_samples=50), DIGITS)  # val_loss uses a fixed held-out set
     assert metric_settings("bpd", EvalSettings(weights="raw"), DIGITS)["weights"] == "raw"
+
+
+class ChannelMeans(torch.nn.Module):
+    """A TorchScript archive with the FID detector's call signature and 2,048 cheap features (channel means):
+    enough to run the Inception path without the real weights."""
+
+    def forward(self, img: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        return img.mean(dim=(2, 3)).repeat(1, 683)[:, :2048]
+
+
+def photo_context(pipe, **settings) -> EvalContext:
+    """Data other than the digits: four held-out images with captions, given as a training loop would."""
+    from stablediff.evaluation.context import HeldOut
+
+    config = RunConfig.model_validate({"data": {"source": "photos/", "resolution": 16}})
+    images = torch.linspace(-1, 1, 4 * 3 * 16 * 16).reshape(4, 3, 16, 16)
+    captions = ["a red square", "sea", "a car", "dogs"]
+    return EvalContext(pipe, config, EvalSettings(num_samples=4, sample_steps=2, bpd_timesteps=4, **settings),
+                       held_out_data=HeldOut(images, captions))
+
+
+def test_inception_features_score_any_data_against_its_held_out_images(pipe, tmp_path):
+    archive = tmp_path / "inception-2015-12-05.pt"
+    torch.jit.script(ChannelMeans()).save(str(archive))
+    context = photo_context(pipe, inception=str(archive))
+    results = evaluate(context, ["fd", "kid", "bpd", "val_loss"])
+    assert context.generated().prompts == ["a red square", "sea", "a car", "dogs"]  # the held-out captions
+    fd = results["fd"]
+    assert fd.details["feature_dim"] == 2048 and fd.details["reference_count"] == 4 and fd.count == 4
+    assert fd.details["feature_space"].startswith("inception:") and fd.settings["features"] == \
+        fd.details["feature_space"]
+    assert results["bpd"].count == 4 and results["val_loss"].count == 4
+    assert np.isfinite(fd.value) and np.isfinite(results["kid"].value)
+
+
+def test_clip_scores_the_generated_images_against_their_prompts(pipe, clip_folder):
+    from stablediff.evaluation.clip_score import load_clip
+
+    context = photo_context(pipe, clip=str(clip_folder))
+    result = evaluate(context, ["clip"])["clip"]
+    expected = load_clip(clip_folder).score(context.generated().images, context.generated().prompts)
+    assert (result.value, result.spread, result.count) == (expected.mean, expected.std, 4)

@@ -25,10 +25,10 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 def _register() -> None:
-    from stablediff.cli import ckpt, data, demo, eval, finetune, generate, lora, train
+    from stablediff.cli import ckpt, data, demo, eval, finetune, generate, lora, report, train
 
     for command in (train.train, finetune.finetune, demo.demo, generate.generate, eval.eval_cmd, ckpt.group,
-                    data.group, lora.group):
+                    data.group, lora.group, report.report):
         cli.add_command(command)
 
 

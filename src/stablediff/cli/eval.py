@@ -16,6 +16,7 @@ import click
 
 from stablediff.cli.locking import run_dir_locked
 from stablediff.cli.options import trust_pickle_option
+from stablediff.errors import ConfigError
 from stablediff.run_schema import METRIC_MODES
 
 EVAL_HINT = ("wait for it to finish, or evaluate read-only into another folder with --out DIR "
@@ -71,10 +72,13 @@ def eval_cmd(target: Path, metrics, num_samples, steps_text, seed, sample_steps,
     from stablediff.cli.eval_run import is_run_dir
 
     names = parse_list(metrics, "--metrics")
+    unknown = [n for n in names or [] if n not in METRIC_MODES]
+    if unknown:
+        raise ConfigError(f"--metrics: unknown metric {', '.join(map(repr, unknown))}; the metrics are "
+                          f"{', '.join(METRIC_MODES)}, given as a comma-separated list")
     steps = parse_list(steps_text, "--steps", int)
     if best_metric is not None and best_metric not in METRIC_MODES:
-        raise click.BadParameter(f"{best_metric!r} is no metric; use one of {', '.join(METRIC_MODES)}",
-                                 param_hint="--best-metric")
+        raise ConfigError(f"--best-metric: {best_metric!r} is no metric; use one of {', '.join(METRIC_MODES)}")
     if not target.exists():
         from stablediff.errors import MissingPathError
 
@@ -95,7 +99,7 @@ def _run(target: Path, names: list[str] | None, steps: list[int] | None) -> None
     """Evaluate and print, with the command line's options (click's parsed parameters)."""
     from stablediff.cli.eval_run import EvalPlan, evaluate_model, evaluate_run, is_run_dir, mark_best
     from stablediff.cli.eval_table import print_results
-    from stablediff.evaluation.context import EvalSettings
+    from stablediff.evaluation.settings import EvalSettings
 
     options = click.get_current_context().params
     out_dir, best_metric = options["out_dir"], options["best_metric"]

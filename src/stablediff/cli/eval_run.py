@@ -9,6 +9,7 @@ checkpoints that have a result for the ranking metric.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +17,8 @@ from typing import Callable
 
 from stablediff import run_schema as schema
 from stablediff.errors import CheckpointError, ConfigError, MissingPathError
-from stablediff.evaluation.context import EvalContext, EvalSettings, HeldOut
-from stablediff.evaluation.registry import MetricResult, available_metrics, check_requirements, evaluate, \
-    metric_settings
+from stablediff.evaluation.metric_result import MetricResult
+from stablediff.evaluation.settings import EvalSettings, available_metrics, check_requirements, metric_settings
 from stablediff.evaluation.results import CHECKPOINTS, MODELS, best_mark, cached_result, computed_metrics, \
     record_results
 from stablediff.io.run_files import read_eval
@@ -56,12 +56,12 @@ def is_run_dir(path: Path) -> bool:
 def kept_checkpoints(run_dir: Path) -> tuple[object, list, dict[int, str], dict[int, dict]]:
     """(store, replicas, {step: manifest checksum}, {step: config dict}) of the run's valid, not abandoned,
     text-to-image checkpoints."""
-    from stablediff.models.run_export import open_run_store
+    from stablediff.checkpoint.run_stores import run_stores
 
     if not (run_dir / "checkpoints" / "manifests").is_dir():
         raise MissingPathError(f"{run_dir} has no checkpoints yet (no checkpoints/manifests/), so there is nothing "
                                "to evaluate; train it first (`stablediff train`), or give a diffusers folder")
-    store, replicas = open_run_store(run_dir)
+    store, replicas = run_stores(run_dir)
     identities, configs = {}, {}
     for summary in store.list():
         if not summary.valid:
@@ -96,7 +96,7 @@ def evaluate_run(run_dir: Path, plan: EvalPlan, steps: list[int] | None) -> tupl
     chosen = select_steps(identities, steps, run_dir)
     out_dir = plan.out_dir or run_dir
     plan.metrics_for(RunConfig.model_validate(configs[chosen[-1]]))  # fail before any checkpoint is loaded
-    held_out: dict[str, HeldOut] = {}
+    held_out: dict[str, object] = {}  # data config -> HeldOut: read once for every checkpoint
     evaluated = []
     for step in chosen:
         config = RunConfig.model_validate(configs[step])
@@ -113,7 +113,7 @@ def evaluate_run(run_dir: Path, plan: EvalPlan, steps: list[int] | None) -> tupl
 
 
 def _evaluate_one(plan: EvalPlan, config, out_dir: Path, section: str, key: str, identity: str,
-                  load: Callable[[], object], held_out: dict[str, HeldOut], train_scheduler=None) -> Evaluated:
+                  load: Callable[[], object], held_out: dict, train_scheduler=None) -> Evaluated:
     """One model's metrics: cached ones read back, the others computed and recorded at once."""
     started = time.perf_counter()
     names = plan.metrics_for(config)
@@ -123,6 +123,9 @@ def _evaluate_one(plan: EvalPlan, config, out_dir: Path, section: str, key: str,
     cached = {n for n, r in results.items() if r is not None}
     missing = [n for n in names if n not in cached]
     if missing:
+        from stablediff.evaluation.context import EvalContext
+        from stablediff.evaluation.registry import evaluate
+
         pipe = _to_device(load())
         data_key = config.data.model_dump_json()
         context = EvalContext(pipe, config, plan.settings, held_out_data=held_out.get(data_key),
@@ -190,11 +193,11 @@ def evaluate_model(model: Path, plan: EvalPlan, data_source: str) -> Evaluated:
         "train": {"prediction_type": scheduler_config.get("prediction_type", "epsilon")}})
     weights = source.weights_file()
     identity = f"autov2:{file_short_hash(weights)}" if weights is not None else f"path:{source.path}"
-    out_dir = plan.out_dir
-    if out_dir is None:  # nothing to cache in: evaluate and print
-        return Evaluated(str(source.path), evaluate(EvalContext(_to_device(pipe), config, plan.settings,
-                                                                train_scheduler=DDPMScheduler.from_config(
-                                                                    scheduler_config)), plan.metrics_for(config)))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return _evaluate_one(plan, config, out_dir, MODELS, str(source.path), identity, lambda: pipe, {},
-                         DDPMScheduler.from_config(scheduler_config))
+    scheduler = DDPMScheduler.from_config(scheduler_config)  # the model's own noise schedule (val_loss, bpd)
+    if plan.out_dir is not None:
+        plan.out_dir.mkdir(parents=True, exist_ok=True)
+        return _evaluate_one(plan, config, plan.out_dir, MODELS, str(source.path), identity, lambda: pipe, {},
+                             scheduler)
+    with tempfile.TemporaryDirectory(prefix="stablediff-eval-") as scratch:  # no --out: print, keep nothing
+        return _evaluate_one(plan, config, Path(scratch), MODELS, str(source.path), identity, lambda: pipe, {},
+                             scheduler)

@@ -27,35 +27,9 @@ import torch
 
 from stablediff.config import RunConfig
 from stablediff.data.digits import NUMBER_WORDS
-from stablediff.evaluation.val_loss import VALIDATION_SAMPLES
+from stablediff.evaluation.settings import VALIDATION_SAMPLES, EvalSettings
 
 DIGIT_PROMPT = "a handwritten digit {word}"
-DEFAULT_NUM_SAMPLES = 100
-DEFAULT_SEED = 1000
-DEFAULT_SAMPLE_STEPS = 20
-DEFAULT_GUIDANCE = 3.0
-DEFAULT_BPD_TIMESTEPS = 32
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    """What the numbers depend on besides the weights: part of each cached result's key."""
-
-    num_samples: int = DEFAULT_NUM_SAMPLES  # generated images (fd, kid, adherence, clip); held-out images for bpd
-    seed: int = DEFAULT_SEED  # generation seeds seed, seed + 1, ... per prompt; bpd's and KID's draws
-    sample_steps: int = DEFAULT_SAMPLE_STEPS  # sampling steps of each generated image
-    guidance_scale: float = DEFAULT_GUIDANCE
-    bpd_timesteps: int = DEFAULT_BPD_TIMESTEPS  # importance-sampled KL terms per image
-    inception: str | None = None  # FID Inception weights file: fd/kid in Inception space
-    clip: str | None = None  # local CLIP model folder: the clip metric
-    weights: str = "ema"  # which of a checkpoint's UNets the pipeline holds ("ema" or "raw"): recorded only
-
-    def __post_init__(self) -> None:
-        from stablediff.errors import ConfigError
-
-        for name in ("num_samples", "sample_steps", "bpd_timesteps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"eval: {name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
 
 
 class ValidationLike(Protocol):

@@ -20,7 +20,7 @@ import math
 from pathlib import Path
 from typing import Mapping
 
-from stablediff.evaluation.registry import MetricResult
+from stablediff.evaluation.metric_result import MetricResult
 from stablediff.io.run_files import read_eval, update_eval
 from stablediff.run_schema import METRIC_MODES
 

@@ -19,7 +19,6 @@ from diffusers import DDPMScheduler
 from stablediff.models.diffusion import check_timesteps, evenly_spaced_timesteps, per_sample_loss
 
 DEFAULT_TIMESTEPS = (100, 300, 500, 700, 900)
-VALIDATION_SAMPLES = 64  # held-out images in the validation loss (fixed: comparable across checkpoints)
 
 
 @torch.no_grad()

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from stablediff.config import RunConfig
-from stablediff.evaluation.val_loss import VALIDATION_SAMPLES, validation_loss
+from stablediff.evaluation.settings import VALIDATION_SAMPLES
+from stablediff.evaluation.val_loss import validation_loss
 
 
 @dataclass
