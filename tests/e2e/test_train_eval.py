@@ -81,6 +81,16 @@ def test_the_checkpoints_of_evaluation_steps_carry_their_metrics(evaluated):
     assert kept[0].metric("fd") is None  # not evaluated: carries none (no stale values)
 
 
+def test_each_evaluation_rewrites_the_report_and_saves_its_images_as_the_steps_grid(evaluated):
+    from PIL import Image
+
+    for step in (2, 4):
+        with Image.open(evaluated / "samples" / f"step-{step:07d}.png") as grid:
+            assert grid.size == (16, 16 * 10)  # tiny's 16 px digits: ten rows (one per digit) of one image
+    assert (evaluated / "plots" / "metric-fd.png").is_file()  # drawn from the evaluations' numbers
+    assert "data:image/png;base64," in (evaluated / "report.html").read_text()
+
+
 def test_eval_json_holds_the_results_as_stablediff_eval_would_and_finds_them_cached(evaluated):
     config = load_config("tiny", [*QUIET, *EVAL])
     data, store = read_eval(evaluated), CheckpointStore(evaluated / "checkpoints")

@@ -17,6 +17,8 @@ from stablediff.evaluation.context import EvalContext, EvalSettings, HeldOut
 from stablediff.evaluation.registry import MetricResult, evaluate
 from stablediff.training.seeding import isolated_rng
 
+GENERATING = {"fd", "kid", "adherence", "clip"}  # the metrics scored on generated images
+
 
 def eval_settings(config: RunConfig) -> EvalSettings:
     """What train-time evaluation computes with: the eval command's defaults, train.eval_samples images."""
@@ -40,6 +42,7 @@ class StepEvaluator:
         self.settings = eval_settings(config)
         self.results: dict[str, MetricResult] = {}
         self.step: int | None = None
+        self.images = None  # the evaluation's generated images, when it generated any
 
     def evaluate(self, stage, step: int) -> dict[str, float]:
         """{name: value} of train.eval_metrics for the EMA weights as they are at `step`."""
@@ -48,6 +51,8 @@ class StepEvaluator:
                                   held_out_data=held_out_of(stage), train_scheduler=stage.noise_scheduler)
             self.results = evaluate(context, self.config.train.eval_metrics)
         self.step = step
+        generating = set(self.config.train.eval_metrics) & GENERATING
+        self.images = context.generated() if generating else None  # already made: the metrics shared them
         return {name: result.value for name, result in self.results.items()}
 
     def record_fields(self) -> dict:
@@ -64,6 +69,32 @@ class StepEvaluator:
         except Exception as exc:  # the save failed (the writer said why): nothing in the store to attach them to
             return f"eval: step {step}'s metrics are in metrics.jsonl but not eval.json: no checkpoint ({exc})"
         record_results(self.run_dir, CHECKPOINTS, str(step), identity, self.results)
+        return None
+
+    def write_grid(self, step: int) -> None:
+        """The evaluation's images as this step's sample grid (one row per prompt, the same seeds at every
+        evaluation), so the report can set checkpoints side by side without generating them again."""
+        from PIL import Image
+
+        from stablediff.inference.pipeline import image_grid
+
+        if self.images is None or self.step != step:
+            return
+        rows: dict[str, list] = {}
+        for pixels, prompt in zip(self.images.images, self.images.prompts):
+            rows.setdefault(prompt, []).append(Image.fromarray(pixels))
+        path = self.run_dir / "samples" / f"step-{step:07d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image_grid(list(rows.values())).save(path)
+
+    def write_report(self) -> str | None:
+        """RUN_DIR/report.html rewritten with this evaluation; a message when it failed (training goes on)."""
+        from stablediff.evaluation.report import write_report
+
+        try:
+            write_report(self.run_dir)
+        except Exception as exc:  # a figure that cannot be drawn must not end an hour of training
+            return f"eval: report.html could not be rewritten ({exc!r}); `stablediff report {self.run_dir}` retries"
         return None
 
 

@@ -60,16 +60,26 @@ class RunHooks(LoopHooks):
         validated = self._maybe_validate(state)
         evaluated = self._maybe_evaluate(state)
         improved = (validated or evaluated) and self._track_best(state)
+        if evaluated and self.evaluator is not None:
+            self.evaluator.write_grid(state.step)  # a configured sample grid of this step replaces it
         self._maybe_sample(state)
         self.checkpointer.after_step(state.step, self.stage.capture, self.last_metrics(state),
                                      force=validated or evaluated)
-        if evaluated and self.evaluator is not None:  # eval.json's entries name the committed checkpoint
-            self.checkpointer.wait()
-            problem = self.evaluator.record(state.step, self.checkpointer.primary)
-            if problem:
-                print(problem, file=sys.stderr, flush=True)
-        if improved and self.dist.is_main:  # after the save is queued: the mark names a checkpoint being written
+        if evaluated and self.evaluator is not None:
+            self._after_evaluation(state.step, improved)
+        elif improved and self.dist.is_main:  # after the save is queued: the mark names a checkpoint being written
             update_eval(self.run_dir, best=self.best.best_mark())
+
+    def _after_evaluation(self, step: int, improved: bool) -> None:
+        """Rank 0, once the step's checkpoint is committed: eval.json's entries (they name it), the best mark
+        and the report."""
+        self.checkpointer.wait()
+        problems = [self.evaluator.record(step, self.checkpointer.primary)]
+        if improved:
+            update_eval(self.run_dir, best=self.best.best_mark())
+        problems.append(self.evaluator.write_report())
+        for problem in filter(None, problems):
+            print(problem, file=sys.stderr, flush=True)
 
     def _restore_tracker(self, state: UNetTrainState, key: str, tracker: EarlyStopping) -> EarlyStopping:
         saved = self.resume.meta.get(key) if self.resume is not None else None
