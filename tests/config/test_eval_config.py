@@ -80,6 +80,6 @@ def test_a_pixel_space_model_and_a_run_without_held_out_images_cannot_evaluate(t
 
 
 def test_eval_samples_default_is_the_eval_commands_so_its_results_are_reused():
-    from stablediff.evaluation.context import DEFAULT_NUM_SAMPLES
+    from stablediff.evaluation.registry import EvalSettings
 
-    assert load_config("tiny").train.eval_samples == DEFAULT_NUM_SAMPLES
+    assert load_config("tiny").train.eval_samples == EvalSettings().num_samples  # `stablediff eval`'s default
