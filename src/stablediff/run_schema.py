@@ -49,6 +49,8 @@ FINETUNE_BASE = "finetune_base"  # a fine-tune's base: kind, path, name, step, s
 TRAINING_STARTED_AT = "training_started_at"  # unix time of the run's first start (LoRA metadata reports it)
 TEXTUAL_INVERSION = "textual_inversion"  # {"token", "num_vectors"} of a textual-inversion run
 EARLY_STOPPING = "early_stopping"  # the early-stopping tracker's state (training/early_stop.py)
+# The best mark's tracker when checkpoint.best_metric is not early_stopping.metric (the same state's shape)
+BEST_TRACKER = "best_tracker"
 # Meta that `ckpt info` leaves out: large, and read by the trainer rather than by people.
 BULKY_META = (CONFIG, RNG_META, OPTIMIZER_PARAM_GROUPS, OPTIMIZER_SCALARS)
 

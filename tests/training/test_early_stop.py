@@ -81,7 +81,7 @@ def test_stopped_stays_stopped():
 
 
 def test_from_config_takes_every_setting():
-    cfg = EarlyStoppingConfig(metric="fd", mode="max", patience=4, min_delta=0.5)
+    cfg = EarlyStoppingConfig(metric="adherence", patience=4, min_delta=0.5)
     tracker = EarlyStopping.from_config(cfg)
-    assert (tracker.metric, tracker.mode, tracker.patience, tracker.min_delta) == ("fd", "max", 4, 0.5)
+    assert (tracker.metric, tracker.mode, tracker.patience, tracker.min_delta) == ("adherence", "max", 4, 0.5)
     assert tracker.best_value is None and not tracker.should_stop

@@ -43,7 +43,8 @@ RULES: dict[str, str] = {
         "adam_beta1", "adam_beta2", "adam_epsilon", "momentum", "nesterov")},
     **{f"train.{key}": SAFE for key in (
         "max_steps", "mixed_precision", "gradient_checkpointing", "compile", "channels_last", "device",
-        "validate_every", "validation_timesteps", "tensorboard", "log_every", "threads")},
+        "validate_every", "validation_timesteps", "tensorboard", "log_every", "threads",
+        "eval_every", "eval_metrics", "eval_samples")},
     "guard": SAFE,  # acts only when training diverges
     "checkpoint": SAFE,
     "sample": SAFE,

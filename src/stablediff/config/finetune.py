@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from stablediff.config.metrics import default_mode
+
 # LoRA target presets: module-name suffixes in a diffusers UNet2DConditionModel (peft matches a target
 # against the end of each module's dotted name). `conv` adds the ResNet and resampler convolutions: LoCon.
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
@@ -171,15 +173,13 @@ class FinetuneConfig(_Section):
 
 
 class EarlyStoppingConfig(_Section):
-    metric: str = Field("val_loss", description="a metric the run's checkpoints carry (val_loss needs "
-                        "train.validate_every)")
-    mode: Literal["min", "max"] = Field("min", description="min: lower is better (losses); max: higher is better")
+    metric: str = Field("val_loss", description="a metric the run computes (run_schema.METRIC_MODES): val_loss "
+                        "needs train.validate_every, the others train.eval_every and train.eval_metrics")
+    mode: Literal["min", "max"] | None = Field(
+        None, description="min: lower is better; max: higher is better; default (and the only value allowed): "
+        "the metric's own direction")
+    _mode_from_metric = model_validator(mode="before")(classmethod(lambda cls, data: default_mode(data)))
     patience: int | None = Field(None, ge=1, description="evaluations without an improvement before the run stops "
                                  "(null: never stop early; the best checkpoint is still marked)")
     min_delta: float = Field(0.0, ge=0.0, description="an improvement must beat the best by more than this")
 
-
-def check_early_stopping(early: EarlyStoppingConfig, validate_every: int | None) -> None:
-    if early.patience is not None and early.metric == "val_loss" and not validate_every:
-        raise ValueError("early_stopping.patience needs the metric computed: set train.validate_every (the steps "
-                         "between validation losses), or leave early_stopping.patience unset")

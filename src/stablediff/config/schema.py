@@ -10,7 +10,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from stablediff.config.finetune import EarlyStoppingConfig, FinetuneConfig, check_early_stopping
+from stablediff.config.finetune import EarlyStoppingConfig, FinetuneConfig
+from stablediff.config.metrics import check_computed, check_eval_metrics, check_evaluable, check_metric_name
+from stablediff.run_schema import metric_mode
 
 
 def _check_groups(channels: list[int], groups: int, section: str) -> None:
@@ -210,6 +212,12 @@ class TrainConfig(Section):
     validate_every: int | None = Field(
         None, ge=1, description="steps between validation losses on the held-out split (val_loss)")
     validation_timesteps: int = Field(5, ge=1, le=100, description="fixed timesteps of the validation loss")
+    eval_every: int | None = Field(
+        None, ge=1, description="steps between evaluations of train.eval_metrics (a checkpoint is saved there)")
+    eval_metrics: list[str] = Field([], description="what each evaluation computes: any of fd, kid, adherence, "
+                                    "bpd, clip (run_schema.METRIC_MODES; val_loss is validate_every's)")
+    eval_samples: int = Field(100, ge=2, description="images generated per evaluation (fd, kid, adherence, clip) "
+                              "or held-out images scored (bpd); the same seeds at every evaluation")
     tensorboard: bool = Field(True, description="also write TensorBoard events to RUN_DIR/tb")
     log_every: int = Field(25, ge=1)
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: all cores)")
@@ -247,6 +255,14 @@ class CheckpointConfig(Section):
     keep_best: int = Field(1, ge=0)
     keep_every: int | None = Field(None, ge=1)
     replicas: list[str] = []
+    best_metric: str | None = Field(None, description="what keep_best and the best mark (eval.json, --best) rank "
+                                    "by, in its direction from run_schema.METRIC_MODES; default: "
+                                    "early_stopping.metric (val_loss unless set)")
+
+    def ranked_by(self, early_stopping: EarlyStoppingConfig) -> tuple[str, str]:
+        """(metric, mode) the run's best checkpoint is chosen by."""
+        metric = self.best_metric or early_stopping.metric
+        return metric, metric_mode(metric)
 
 
 class SampleConfig(Section):
@@ -282,8 +298,17 @@ class RunConfig(Section):
         return value
 
     @model_validator(mode="after")
-    def _early_stopping_has_its_metric(self) -> "RunConfig":
-        check_early_stopping(self.early_stopping, self.train.validate_every)
+    def _ranked_metrics_are_computed(self) -> "RunConfig":
+        train, early = self.train, self.early_stopping
+        check_eval_metrics(train.eval_metrics, train.eval_every)
+        check_evaluable(train.eval_metrics, not self.vae.enabled, self.data.holds_out_images())
+        watched = [("early_stopping.metric", early.metric)] if early.patience is not None or \
+            early.metric != "val_loss" else []
+        if self.checkpoint.best_metric is not None:
+            watched.append(("checkpoint.best_metric", check_metric_name(self.checkpoint.best_metric,
+                                                                        "checkpoint.best_metric")))
+        for key, name in watched:
+            check_computed(name, key, train.validate_every, train.eval_every, train.eval_metrics)
         return self
 
     @model_validator(mode="after")

@@ -1,9 +1,10 @@
-"""The run around the loop, at each step boundary: validation, samples, checkpoints, rollback.
+"""The run around the loop, at each step boundary: validation, evaluation, samples, checkpoints, rollback.
 
 `train_unet` only calls `after_step(state)` and, when the divergence guard asks
 for it, `rollback(state, first_bad_step)`. This module decides what those do
-for a real run: the order is validate -> sample -> checkpoint, so a checkpoint
-taken at a validation step carries that step's `val_loss` (what keep_best ranks).
+for a real run: the order is validate -> evaluate -> sample -> checkpoint, so a
+checkpoint taken at a validation or evaluation step carries that step's
+`val_loss` and eval metrics (what keep_best ranks by), and only that step's.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from stablediff import run_schema as schema
 from stablediff.io.run_files import update_eval
 from stablediff.training.context import RunContext
 from stablediff.training.early_stop import EarlyStopping
+from stablediff.training.eval_step import StepEvaluator
 from stablediff.training.periodic import make_validation_set, run_validation, write_samples
 from stablediff.training import distributed
 from stablediff.training import state as train_state
@@ -31,48 +33,84 @@ class RunHooks(LoopHooks):
         self.stage, self.checkpointer, self.resume = stage, checkpointer, resume
         self.tensorboard = tensorboard
         self._log_continued_rollback()
-        self.early_stopping = self._restore_early_stopping(stage.state)
-        self.val_loss: float | None = None
+        self.early_stopping = self._restore_tracker(stage.state, schema.EARLY_STOPPING,
+                                                    EarlyStopping.from_config(self.config.early_stopping))
+        self.best = self._best_tracker(stage.state)
+        self.evaluated: dict[str, float] = {}  # this step's val_loss and eval metrics (empty on other steps)
+        self.evaluated_at: int | None = None
         self.validation_set = None
         if run.config.train.validate_every and run.dist.is_main:
             self.validation_set = make_validation_set(stage.vae, stage.held_out, stage.text_encoder,
                                                       stage.scaling_factor, stage.held_out_captions)
+        self.evaluator = StepEvaluator(run.config, run.run_dir) \
+            if run.config.train.eval_every and run.dist.is_main else None
 
     def last_metrics(self, state: UNetTrainState) -> dict:
+        """What the checkpoint of this step carries: its train loss, and what was evaluated at this step."""
         metrics = {"train_loss": state.last_loss}
-        if self.val_loss is not None:
-            metrics["val_loss"] = self.val_loss
+        if self.evaluated_at == state.step:
+            metrics.update(self.evaluated)
         return metrics
 
     def _after_step(self, state: UNetTrainState) -> None:
         if self.resume is not None and state.step == self.resume.step + 1 and self.metrics is not None:
             resumed, self.resume = self.resume.step, None  # once: a rollback to that step must not log it again
             self.metrics.write(event="resumed", step=resumed)
+        self.evaluated, self.evaluated_at = {}, state.step
         validated = self._maybe_validate(state)
-        improved = validated and self._track_best(state)
+        evaluated = self._maybe_evaluate(state)
+        improved = (validated or evaluated) and self._track_best(state)
+        if evaluated and self.evaluator is not None:
+            self.evaluator.write_grid(state.step)  # a configured sample grid of this step replaces it
         self._maybe_sample(state)
-        self.checkpointer.after_step(state.step, self.stage.capture, self.last_metrics(state), force=validated)
-        if improved and self.dist.is_main:  # after the save is queued: the mark names a checkpoint being written
-            update_eval(self.run_dir, best=self.early_stopping.best_mark())
+        self.checkpointer.after_step(state.step, self.stage.capture, self.last_metrics(state),
+                                     force=validated or evaluated)
+        if evaluated and self.evaluator is not None:
+            self._after_evaluation(state.step, improved)
+        elif improved and self.dist.is_main:  # after the save is queued: the mark names a checkpoint being written
+            update_eval(self.run_dir, best=self.best.best_mark())
 
-    def _restore_early_stopping(self, state: UNetTrainState) -> EarlyStopping:
-        tracker = EarlyStopping.from_config(self.config.early_stopping)
-        saved = self.resume.meta.get(schema.EARLY_STOPPING) if self.resume is not None else None
+    def _after_evaluation(self, step: int, improved: bool) -> None:
+        """Rank 0, once the step's checkpoint is committed: eval.json's entries (they name it), the best mark
+        and the report."""
+        self.checkpointer.wait()
+        problems = [self.evaluator.record(step, self.checkpointer.primary)]
+        if improved:
+            update_eval(self.run_dir, best=self.best.best_mark())
+        problems.append(self.evaluator.write_report())
+        for problem in filter(None, problems):
+            print(problem, file=sys.stderr, flush=True)
+
+    def _restore_tracker(self, state: UNetTrainState, key: str, tracker: EarlyStopping) -> EarlyStopping:
+        saved = self.resume.meta.get(key) if self.resume is not None else None
         if saved:
             tracker.load_state_dict(saved)
-        state.extra[schema.EARLY_STOPPING] = tracker.state_dict()
-        if tracker.should_stop:
+        state.extra[key] = tracker.state_dict()
+        if key == schema.EARLY_STOPPING and tracker.should_stop:
             state.stop_reason = tracker.reason()
         return tracker
 
+    def _best_tracker(self, state: UNetTrainState) -> EarlyStopping:
+        """What the best mark follows: checkpoint.best_metric, early stopping's own tracker when the same."""
+        metric, mode = self.config.checkpoint.ranked_by(self.config.early_stopping)
+        if metric == self.early_stopping.metric:
+            return self.early_stopping
+        return self._restore_tracker(state, schema.BEST_TRACKER, EarlyStopping(metric, mode))
+
     def _track_best(self, state: UNetTrainState) -> bool:
-        """Feed the evaluation to early stopping; True when this step is the new best."""
-        value = self.last_metrics(state).get(self.early_stopping.metric)
-        if value is None:
-            return False
-        improved = self.early_stopping.update(state.step, float(value))
-        state.extra[schema.EARLY_STOPPING] = self.early_stopping.state_dict()
-        if self.early_stopping.should_stop:
+        """Feed this step's evaluation to early stopping (and the best mark); True when it is the new best."""
+        trackers = {schema.EARLY_STOPPING: self.early_stopping}
+        if self.best is not self.early_stopping:
+            trackers[schema.BEST_TRACKER] = self.best
+        improved = False
+        for key, tracker in trackers.items():
+            value = self.evaluated.get(tracker.metric)
+            if value is None:
+                continue
+            better = tracker.update(state.step, float(value))
+            state.extra[key] = tracker.state_dict()
+            improved = improved or (better and tracker is self.best)
+        if self.early_stopping.should_stop and state.stop_reason is None:
             state.stop_reason = self.early_stopping.reason()
             if self.metrics is not None:
                 self.metrics.write(event="early_stopping", step=state.step, reason=state.stop_reason,
@@ -83,17 +121,34 @@ class RunHooks(LoopHooks):
         every = self.config.train.validate_every
         if not every or state.step % every:
             return False
+        val_loss = None
         if self.validation_set is not None:  # rank 0; the weights are the same on every rank
             if state.live_text is not None:  # the new token's vectors as they are now
                 with torch.no_grad():
                     self.validation_set.text_embeddings = state.live_text.encode(self.validation_set.prompts)
             result = run_validation(state.unet, self.stage.noise_scheduler, self.validation_set,
                                     self.config.train.prediction_type, self.config.train.validation_timesteps)
-            self.val_loss = result["loss"]
-            self.metrics.write(stage="unet", step=state.step, val_loss=self.val_loss,
+            val_loss = result["loss"]
+            self.metrics.write(stage="unet", step=state.step, val_loss=val_loss,
                                val_loss_per_timestep={str(t): v for t, v in result["per_timestep"].items()})
         if self.dist.enabled:  # every rank tracks the best and stops early on rank 0's number, or they deadlock
-            self.val_loss = distributed.from_main(self.val_loss)
+            val_loss = distributed.from_main(val_loss)
+        if val_loss is not None:
+            self.evaluated["val_loss"] = val_loss
+        return True
+
+    def _maybe_evaluate(self, state: UNetTrainState) -> bool:
+        """train.eval_metrics on the EMA weights (rank 0), logged; every rank gets the values."""
+        every = self.config.train.eval_every
+        if not every or state.step % every:
+            return False
+        values = None
+        if self.evaluator is not None:
+            values = self.evaluator.evaluate(self.stage, state.step)
+            self.metrics.write(stage="unet", step=state.step, **self.evaluator.record_fields())
+        if self.dist.enabled:
+            values = distributed.from_main(values)
+        self.evaluated.update(values)
         return True
 
     def _maybe_sample(self, state: UNetTrainState) -> None:

@@ -9,6 +9,8 @@ having to restore a generator's internal state.
 from __future__ import annotations
 
 import random
+from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -27,3 +29,22 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+@contextmanager
+def isolated_rng() -> Iterator[None]:
+    """Whatever runs inside draws from the global generators without moving them for what follows.
+
+    torch's CPU generator and every CUDA device's (fork_rng), python's `random`
+    and numpy's global state are saved and put back: an evaluation in the middle
+    of a run (which may draw from any of them, e.g. a library's dropout or a
+    shuffle) leaves the training's random stream exactly where it was.
+    """
+    py_state, np_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
