@@ -94,6 +94,20 @@ def test_apply_deletes_manifests_and_exactly_their_unreferenced_chunks(store):
     assert store.verify(deep=True).ok
 
 
+def test_the_step_eval_json_marks_best_is_kept_whatever_keep_best_ranks_by(store, tmp_path):
+    from stablediff.io.run_files import update_eval
+
+    rng = np.random.default_rng(0)
+    for step, loss in ((1, 0.1), (2, 0.5), (3, 0.6), (4, 0.7)):
+        store.save(step, {"w": rng.random(300, np.float32)}, metrics={"val_loss": loss})
+    update_eval(tmp_path, best={"step": 2, "metric": "fd", "mode": "min", "value": 3.0})  # `stablediff eval`'s
+    report = RetentionPolicy(keep_last=2, keep_best=1, marked_in=tmp_path).apply(store)
+    assert report.deleted_steps == []
+    assert store.steps() == [1, 2, 3, 4]
+    (tmp_path / "eval.json").write_text("{torn")  # an unreadable mark protects nothing, and breaks nothing
+    assert RetentionPolicy(keep_last=2, keep_best=1, marked_in=tmp_path).apply(store).deleted_steps == [2]
+
+
 def test_gc_removes_only_unreferenced_chunks(store):
     store.save(1, {"w": np.arange(1000, dtype=np.float32)})
     kept = _chunk_files(store)

@@ -11,8 +11,10 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Literal
 
+from stablediff.io.run_files import read_eval
 from stablediff.run_schema import BEST_METRIC
 
 from .errors import CheckpointError, ManifestError
@@ -42,6 +44,9 @@ class RetentionPolicy:
     best_mode: Literal["min", "max"] = "min"
     keep_every: int | None = None
     rollback_window: int | None = None  # the divergence guard's window (guard.within_steps): see rollback_keeps
+    # A run directory whose eval.json "best" mark is kept too: `stablediff eval` may mark a best by another
+    # metric than the one keep_best ranks by, and export/generate follow that mark.
+    marked_in: Path | None = None
 
     def __post_init__(self) -> None:
         if self.keep_last < 2:
@@ -65,7 +70,7 @@ class RetentionPolicy:
         save committed; pass DEFAULT_GC_GRACE_S when another process may be saving.
         """
         summaries = store.list()
-        chosen = select_to_delete(summaries, self, rollback_targets(store))
+        chosen = select_to_delete(summaries, self, rollback_targets(store) | self.marked_steps())
         kept = [s.step for s in summaries if s.valid and s.step not in chosen]
         decision = guard_deletions(store, chosen, kept)
         for step in decision.delete:
@@ -74,6 +79,12 @@ class RetentionPolicy:
                                  held_reason=decision.reason(store.location))
         report.gc = gc(store, grace_s=grace_s)
         return report
+
+
+    def marked_steps(self) -> set[int]:
+        """The step eval.json marks best in `marked_in` (none without a readable mark)."""
+        step = (read_eval(self.marked_in).get("best") or {}).get("step") if self.marked_in is not None else None
+        return {step} if isinstance(step, int) else set()
 
 
 def best_steps(summaries: Iterable[ManifestSummary], policy: RetentionPolicy) -> list[int]:

@@ -74,12 +74,15 @@ class RunCheckpointer:
 
     def __init__(self, primary: CheckpointStore, replicas: list[CheckpointStore], cfg: CheckpointConfig,
                  say: Callable[[str], None], dist_info: DistInfo = DistInfo(),
-                 rollback_window: int | None = None, best: tuple[str, str] = (BEST_METRIC, "min")) -> None:
+                 rollback_window: int | None = None, best: tuple[str, str] = (BEST_METRIC, "min"),
+                 run_dir: Path | None = None) -> None:
         """`rollback_window`: the divergence guard's guard.within_steps (None without a guard):
         retention keeps a checkpoint older than it, so a rollback always has a target.
-        `best`: (metric, mode) that keep_best ranks by: early stopping's, so its best is never deleted."""
+        `best`: (metric, mode) that keep_best ranks by: early stopping's, so its best is never deleted.
+        `run_dir`: the best its eval.json marks (by `stablediff eval`, perhaps by another metric) is kept too."""
         retention = RetentionPolicy(keep_last=cfg.keep_last, keep_best=cfg.keep_best, best_metric=best[0],
-                                    best_mode=best[1], keep_every=cfg.keep_every, rollback_window=rollback_window)
+                                    best_mode=best[1], keep_every=cfg.keep_every, rollback_window=rollback_window,
+                                    marked_in=run_dir)
         self.primary, self.replicas = primary, replicas
         self.writer = AsyncCheckpointer(primary, replicas, retention, log=say) if dist_info.is_main else None
         if dist_info.is_main:

@@ -176,7 +176,7 @@ def train_stage2(run: RunContext, trust_pickle: bool, device, allow_config_chang
     resume = train_state.unet_resume(resume)  # a stage-1 checkpoint was resumed by build_stage2
     checkpointer = RunCheckpointer(primary, replicas, config.checkpoint, say, run.dist,
                                    rollback_window=config.guard.within_steps if config.guard.enabled else None,
-                                   best=config.checkpoint.ranked_by(config.early_stopping))
+                                   best=config.checkpoint.ranked_by(config.early_stopping), run_dir=run_dir)
     hooks = make_hooks(run, stage, checkpointer, resume)
     try:
         loop_stage2(run, stage, checkpointer, hooks, resume)
