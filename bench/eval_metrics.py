@@ -198,10 +198,10 @@ def render(result: dict) -> str:
              f"({result['per_digit']} per digit, {result['sampler']} {result['steps']} steps, CFG "
              f"{result['guidance']}, seeds {result['seed']}..); FD (sample counts in brackets) and KID (± std over "
              f"{result['kid_subsets']} subsets) against the real held-out digits in the built-in digits feature "
-             f"space; bits per latent dimension: {bpd['unit']}, {bpd['estimator']} with {bpd['num_timesteps']} "
+             f"space; {bpd['unit']}: {bpd['estimator']} with {bpd['num_timesteps']} "
              f"timesteps per image ({bpd['model_calls_per_image']} UNet calls) on the {bpd['num_images']} held-out "
-             "digits' VAE latents, ± the standard error of the timestep sampling — a bound on the 8x8x4 latents, "
-             "not comparable with pixel bits/dim. Seconds in the last column; whole bench "
+             "digits' VAE latents, ± the standard error of the timestep sampling — a density bound on the VAE's "
+             "latents, not comparable with pixel bits/dim. Seconds in the last column; whole bench "
              f"{result['seconds'] / 60:.1f} min.", "",
              "| model (final step) | FD ↓ | KID ↓ | accuracy ↑ | macro P | macro R | macro F1 | bits per latent "
              "dim ↓ | seconds |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
