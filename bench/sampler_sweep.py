@@ -11,7 +11,8 @@ the generated digits to the real held-out digits in the built-in digits feature 
 Each repeat makes `--per-digit` images of "a handwritten digit <word>" per digit in every
 cell, all cells from the same seeds; each repeat has its own seed block, so the min-max over
 repeats is the seed-to-seed spread. The cells are interleaved (steps outer, the sampler
-order rotated each repeat: evaluation/sweep.repeated_sweep). The real-data floor is the
+order rotated each repeat: evaluation/sweep.repeated_sweep), and each cell's images are one batch
+(inference/pipeline.txt2img_many: on a shared CPU a call's cost barely depends on its batch). The real-data floor is the
 same metrics of real training digits (a seeded, class-balanced subset of the same size per
 repeat) against the held-out ones. DDPM at 1000 steps (the sampler the model was trained
 for, run exactly) is measured once, on the first repeat's seeds, when `--ddpm-per-digit` > 0.
@@ -96,12 +97,12 @@ def sweep(run_dir: Path, per_digit: int, repeats: int, ddpm_per_digit: int, guid
     prompts = digit_prompts()
     metric = digit_distribution_metric(prompts, reference)
     cells = repeated_sweep(pipe, list(prompts.values()), metric, repeats=repeats, seed=SEED, samplers=SAMPLERS,
-                           steps=STEPS, per_prompt=per_digit, guidance_scale=guidance,
+                           steps=STEPS, per_prompt=per_digit, guidance_scale=guidance, batched=True,
                            stop=lambda: print(f"  {time.perf_counter() - started:6.0f} s", flush=True))
     ddpm = []
     if ddpm_per_digit > 0:
         ddpm = sampler_sweep(pipe, list(prompts.values()), metric, samplers=["ddpm"], steps=[1000],
-                             per_prompt=ddpm_per_digit, seed=SEED, guidance_scale=guidance)
+                             per_prompt=ddpm_per_digit, seed=SEED, guidance_scale=guidance, batched=True)
     floor = real_floor(per_digit, repeats, reference, SEED)
     return {"run_dir": str(run_dir), "per_digit": per_digit, "repeats": repeats, "guidance": guidance,
             "seed": SEED, "seed_blocks": [SEED + r * per_digit for r in range(repeats)],

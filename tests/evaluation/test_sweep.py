@@ -147,3 +147,18 @@ def test_the_distribution_metric_scores_real_digits_near_zero_and_shuffled_promp
     assert real["fd"] < noise["fd"] / 10 and real["kid"] < noise["kid"] / 10
     shuffled = metric(images, [prompts[(int(d) + 1) % 10] for d in train.labels[:100]])
     assert shuffled["adherence"] < 0.05 and shuffled["fd"] == real["fd"]  # FD does not read the prompts
+
+
+def test_a_batched_cell_makes_the_per_prompt_images_up_to_rounding(pipe):
+    seen = []
+
+    def keep(images, prompts):
+        seen.append((images_to_array(images).astype(int), list(prompts)))
+        return float(seen[-1][0].mean())
+
+    for batched in (False, True):
+        sampler_sweep(pipe, PROMPTS, keep, samplers=["euler_a"], steps=[3], per_prompt=2, batched=batched)
+    (per_prompt, prompts), (together, batched_prompts) = seen
+    assert batched_prompts == prompts == [PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[1]]
+    assert np.abs(together - per_prompt).max() <= 2  # ancestral noise too comes from each image's seed
+    assert np.abs(together[0] - together[1]).mean() > 10  # and the images do differ from one another
