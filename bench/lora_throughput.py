@@ -174,5 +174,8 @@ def markdown(result: dict) -> str:
         f"| **ratio** | **{r['median']:.2f}x** ({r['min']:.2f}-{r['max']:.2f}); goal >= 1.3x | |"])
 
 
+render = markdown  # what bench/render_results.py calls for this benchmark's RESULTS.md section
+
+
 if __name__ == "__main__":
     main()

@@ -68,5 +68,15 @@ def main() -> None:
                                      "note": "shared machine, timings under contention"})
 
 
+def render(result: dict) -> str:
+    """The RESULTS.md table (bench/render_results.py)."""
+    lines = [f"Machine: {result['machine']}; {result['date']}; {result['per_digit']} images per digit, CFG "
+             f"{result['guidance']}, same seeds for every sampler; {result.get('note', '')}.", "",
+             "| sampler | steps | adherence | s/image |", "|---|---|---|---|"]
+    lines += [f"| {r['sampler']} | {r['steps']} | {r['adherence']:.1%} | {r['seconds_per_image']:.2f} |"
+              for r in result["rows"]]
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     main()

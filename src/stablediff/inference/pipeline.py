@@ -68,6 +68,22 @@ def txt2img(pipe: StableDiffusionPipeline, prompt: str, *, negative_prompt: str 
 
 
 @torch.no_grad()
+def txt2img_many(pipe: StableDiffusionPipeline, prompts: list[str], *, steps: int = 20, guidance_scale: float = 3.0,
+                 seed: int = 0, num: int = 1) -> list[Image.Image]:
+    """`num` images of each prompt (prompt-major) in one batch: image i of every prompt starts from seed + i, as
+    with `txt2img` per prompt, but each step is one model call for all of them. On a CPU, where a small model's
+    cost per call barely depends on the batch, that is several times faster; the pixels can differ from the
+    per-prompt calls by float rounding (batched kernels sum in another order)."""
+    seeds = [seed + i for _ in prompts for i in range(num)]
+    if hasattr(pipe.scheduler, "noise_sampler_seed"):
+        pipe.scheduler.noise_sampler_seed = seeds
+    result = pipe(list(prompts), num_inference_steps=steps, guidance_scale=guidance_scale,
+                  num_images_per_prompt=num, generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+                  output_type="pil")
+    return list(result.images)
+
+
+@torch.no_grad()
 def img2img(pipe: StableDiffusionPipeline, prompt: str, init_image: Image.Image, *, strength: float,
             negative_prompt: str | None = None, steps: int = 20, guidance_scale: float = 3.0, seed: int = 0,
             num: int = 1) -> list[Image.Image]:
