@@ -92,25 +92,43 @@ def final_hashes(run_dir, step):
     return {name: entry.chunks for name, entry in manifest.tensors.items()}
 
 
+def steps_in(run_dir):
+    return CheckpointStore(run_dir / "checkpoints").steps()
+
+
+def kill_after_step(args, run_dir, step, rng):
+    """Start the run as a real process, SIGKILL it at a random moment (0-0.5 s) after the checkpoint of
+    `step` is committed, in whatever it is doing then (a step, a save, a chunk half written)."""
+    proc = subprocess.Popen([sys.executable, "-m", "stablediff", *args, "--run-dir", str(run_dir)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not any(s >= step for s in steps_in(run_dir)):
+        assert proc.poll() is None, f"the run ended before its step-{step} checkpoint:\n{proc.communicate()[0]}"
+        assert time.monotonic() < deadline, f"no step-{step} checkpoint in 300 s"
+        time.sleep(0.05)
+    time.sleep(rng.uniform(0.0, 0.5))
+    assert proc.poll() is None, "the run finished before it could be killed: raise max_steps"
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+
+
 @pytest.mark.slow
 def test_a_lora_run_sigkilled_at_random_moments_resumes_bitwise(tiny_run, tmp_path):
-    args = finetune_args(tiny_run, "--set", "train.max_steps=30", "--set", "checkpoint.every_steps=1")
-    straight = run_cli(*args, "--run-dir", str(tmp_path / "straight"))
-    assert straight.returncode == 0, straight.stderr
-    run_dir, rng, kills = tmp_path / "killed", random.Random(7), 0
-    while kills < 3:
-        proc = subprocess.Popen([sys.executable, "-m", "stablediff", *args, "--run-dir", str(run_dir)], cwd=REPO,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        time.sleep(rng.uniform(6.0, 14.0))
-        if proc.poll() is not None:
-            break
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate()
-        kills += 1
+    """Killed twice (the second time after it had resumed once), it ends as the uninterrupted run."""
+    args = finetune_args(tiny_run, "--set", "train.max_steps=12", "--set", "checkpoint.every_steps=1")
+    straight = subprocess.Popen([sys.executable, "-m", "stablediff", *args, "--run-dir", str(tmp_path / "straight")],
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run_dir, rng = tmp_path / "killed", random.Random(7)
+    for step in (3, 7):
+        kill_after_step(args, run_dir, step, rng)
+        assert step <= max(steps_in(run_dir)) < 12
+    killed_at = max(steps_in(run_dir))
     result = run_cli(*args, "--run-dir", str(run_dir))
     assert result.returncode == 0, result.stderr
-    assert kills >= 1
-    assert final_hashes(run_dir, 30) == final_hashes(tmp_path / "straight", 30)
+    assert "resumed from step" in result.stderr and killed_at >= 7
+    straight_output = straight.communicate(timeout=300)[0]
+    assert straight.returncode == 0, straight_output
+    assert final_hashes(run_dir, 12) == final_hashes(tmp_path / "straight", 12)
 
 
 DROPOUTS = ["--set", "finetune.lora.rank_dropout=0.5", "--set", "finetune.lora.module_dropout=0.5",

@@ -99,9 +99,13 @@ def test_a_diverging_run_skips_bad_steps_rolls_back_lowers_the_lr_then_stops_wit
 
 def test_validation_and_sample_grids_do_not_change_what_training_computes(tmp_path):
     plain, observed = tmp_path / "plain", tmp_path / "observed"
-    assert run_cli("train", "tiny", "--run-dir", str(plain), *QUIET).returncode == 0
+    # the two runs are independent processes of one thread each: side by side, on two cores
+    plain_proc = subprocess.Popen([sys.executable, "-m", "stablediff", "train", "tiny", "--run-dir", str(plain),
+                                   *QUIET], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     result = run_cli("train", "tiny", "--run-dir", str(observed), *QUIET, "--set", "train.validate_every=1",
                      "--set", "sample.every_steps=2")
+    plain_output = plain_proc.communicate(timeout=600)[0]
+    assert plain_proc.returncode == 0, plain_output
     assert result.returncode == 0, result.stderr
     assert unet_chunks(observed) == unet_chunks(plain)
     val = [r["val_loss"] for r in metrics(observed) if "val_loss" in r]

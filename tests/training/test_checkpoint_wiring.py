@@ -1,6 +1,7 @@
 """Checkpoints as a training run uses them: incremental bytes, failing replicas, repair."""
 
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -23,27 +24,36 @@ def test_frozen_vae_costs_no_bytes_after_the_first_checkpoint(tmp_path):
         assert manifest.bytes_new <= manifest.bytes_total - vae_bytes
 
 
+def wait_for(condition, proc, what: str, timeout: float = 300) -> None:
+    """Poll `condition` (cheap filesystem checks) until it holds; fail if the process ends first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the run ended before {what}:\n{proc.communicate()[0]}"
+        assert time.monotonic() < deadline, f"{what} did not happen in {timeout} s"
+        time.sleep(0.05)
+
+
 def test_a_replica_that_disappears_mid_run_does_not_stop_training_and_repair_resyncs_it(tmp_path):
-    run_dir, replica = tmp_path / "run", tmp_path / "replica"
-    args = [*BASE, "--set", "train.max_steps=40", "--set", f"checkpoint.replicas=[{replica}]",
+    """The run is paused (SIGSTOP) once the replica holds a checkpoint, the replica is replaced by a file
+    (every write below it fails with ENOTDIR), and the run continues: no race with the writer thread, and
+    the step-6 save, still ahead, must meet the missing replica."""
+    run_dir, replica, max_steps = tmp_path / "run", tmp_path / "replica", 6
+    args = [*BASE, "--set", f"train.max_steps={max_steps}", "--set", f"checkpoint.replicas=[{replica}]",
             "--run-dir", str(run_dir)]
     proc = subprocess.Popen([sys.executable, "-m", "stablediff", *args], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 120
-    while not (replica / "manifests").is_dir() or not any((replica / "manifests").iterdir()):
-        assert time.monotonic() < deadline and proc.poll() is None, "replica never received a checkpoint"
-        time.sleep(0.2)
-    while True:  # the writer may be copying into it right now (stage 1 saves back to back): retry
-        shutil.rmtree(replica, ignore_errors=True)
-        try:
-            replica.write_text("the mount is gone")  # every write below it now fails (ENOTDIR)
-            break
-        except IsADirectoryError:
-            continue
+    try:
+        wait_for(lambda: CheckpointStore(replica).steps(), proc, "the replica received a checkpoint")
+        proc.send_signal(signal.SIGSTOP)
+        assert max_steps not in CheckpointStore(run_dir / "checkpoints").steps()  # saves still to come
+        shutil.rmtree(replica)
+        replica.write_text("the mount is gone")
+    finally:
+        proc.send_signal(signal.SIGCONT)
     output = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, output
-    assert "replica" in output.lower()
-    assert max(CheckpointStore(run_dir / "checkpoints").steps()) == 40
+    assert f"replica {replica} is behind" in output
+    assert max(CheckpointStore(run_dir / "checkpoints").steps()) == max_steps
 
     replica.unlink()
     result = run_cli("ckpt", "repair", str(run_dir))
