@@ -150,6 +150,10 @@ def test_a_lora_run_with_rank_and_module_dropout_resumes_bitwise(tiny_run, tmp_p
     assert result.returncode == 0, result.stderr
     assert "resumed from step 2" in result.stderr
     assert final_hashes(resumed, 4) == final_hashes(straight, 4)
+    records = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if r.get("stage") == "unet" and "loss" in r]
+    assert sorted(steps) == sorted(set(steps))  # steps 3 and 4 were logged once, not again after the redo
+    assert [r["event"] for r in records if r.get("event") in ("data", "trainable")] == ["data", "trainable"] * 2
     loaded = store.load(4)
     assert {k: loaded.meta["lora_config"][k] for k in ("rank_dropout", "module_dropout")} == {
         "rank_dropout": 0.5, "module_dropout": 0.5}

@@ -17,6 +17,7 @@ def test_report_writes_the_runs_report_and_prints_its_path(run_copy):
     assert f"<pre>{html.escape((run_copy / 'config.yaml').read_text())}</pre>" in page
     assert "eval.json (no checkpoint evaluated yet" in page  # tiny trains without evaluation
     assert (run_copy / "plots" / "losses.png").is_file()
+    assert "<th>train images</th><td>64</td>" in page and "<th>held out images</th><td>359</td>" in page
 
 
 def test_report_on_a_missing_run_directory_exits_1_with_one_paragraph(tmp_path):

@@ -43,12 +43,14 @@ def _eval_json() -> dict:
 
 
 def _metrics_lines() -> list[str]:
-    records = [{"stage": "vae", "step": step, "loss": 1.0 / step} for step in range(1, 6)]
+    records = [{"event": "data", "source": "builtin:digits", "train_images": 60, "held_out_images": 6}]
+    records += [{"stage": "vae", "step": step, "loss": 1.0 / step} for step in range(1, 6)]
     records.append({"stage": "vae", "held_out_mse": 0.01, "held_out_psnr": 20.0})
     for step in range(0, 41, 2):
         records.append({"stage": "unet", "step": step, "loss": 1.0 - step / 50, "grad_norm": 1.0, "lr": 1e-4})
         if step % 10 == 0:
             records.append({"stage": "unet", "step": step, "val_loss": 0.9 - step / 60})
+    records.append({"event": "data", "source": "builtin:digits", "train_images": 64, "held_out_images": 6})
     records.append({"event": "resumed", "step": 20})
     records.append({"stage": "unet", "step": 20, "fd": 26.0, "kid": 0.027, "adherence": 0.6})
     lines = [json.dumps(record) for record in records]

@@ -67,6 +67,10 @@ def test_config_and_quarantine_are_read_as_written(evaluated_run):
     assert data.reject_examples["undecodable"] == [HOSTILE]
 
 
+def test_the_data_counts_are_the_newest_starts(evaluated_run):
+    assert gather(evaluated_run).counts == {"train_images": 64, "held_out_images": 6}
+
+
 def test_an_empty_run_directory_names_everything_missing(tmp_path):
     data = gather(tmp_path)
     assert not (data.losses or data.metrics or data.samples or data.rejects) and data.best is None

@@ -34,6 +34,7 @@ TRAIN_LOSS_KEYS = ("train_loss", "loss")  # the training loop logs "loss"; "trai
 STAGES = (VAE_STAGE, UNET_STAGE)  # in the order a run trains them
 SAMPLE_GRID = re.compile(r"^step-(\d+)\.png$")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+DATA_COUNT_KEYS = ("train_images", "held_out_images")  # of training's "data" event in metrics.jsonl
 EXAMPLES_PER_REASON = 3  # rejected sample keys shown per quarantine reason
 
 Curve = list[tuple[int, float]]  # (step, value), ascending steps
@@ -67,6 +68,7 @@ class ReportData:
     confusion: Confusion | None = None
     config_text: str | None = None
     config: dict = field(default_factory=dict)  # config.yaml parsed ({} when it does not parse)
+    counts: dict = field(default_factory=dict)  # the last start's "data" event: train_images, held_out_images
     rejects: Counter = field(default_factory=Counter)  # quarantine reason -> count
     reject_examples: dict[str, list[str]] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
@@ -99,8 +101,16 @@ def gather(run_dir: Path) -> ReportData:
     data.config_text, data.config = read_config(run_dir / "config.yaml")
     if data.config_text is None:
         data.missing.append("config.yaml")
+    data.counts = data_counts(records)
     data.rejects, data.reject_examples = quarantine_summary(run_dir / "quarantine.jsonl")
     return data
+
+
+def data_counts(records: list[dict]) -> dict:
+    """The newest "data" event's sample counts (each start logs one; a resume may see other data)."""
+    events = [r for r in records if r.get("event") == "data"]
+    last = events[-1] if events else {}
+    return {key: last[key] for key in DATA_COUNT_KEYS if _as_int(last.get(key)) is not None}
 
 
 def loss_curves(records: list[dict]) -> dict[tuple[str, str], Curve]:

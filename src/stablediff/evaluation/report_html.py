@@ -163,6 +163,7 @@ def data_section(data: ReportData) -> str:
     config_data = data.config.get("data") if isinstance(data.config.get("data"), dict) else {}
     facts = [(key, config_data[key]) for key in ("source", "validation_source", "resolution", "held_out_fraction")
              if config_data.get(key) is not None]
+    facts += [(key.replace("_", " "), value) for key, value in data.counts.items()]
     facts.append(("rejected samples (quarantine.jsonl)", sum(data.rejects.values())))
     parts.append("<table>" + "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in facts) + "</table>")
     if data.rejects:

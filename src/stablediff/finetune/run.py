@@ -27,7 +27,7 @@ from stablediff.training.context import RunContext
 from stablediff.training.interrupt import handles_signals
 from stablediff.training.precision import resolve_device
 from stablediff.training.run import (RunResult, Stage2, capture_all_ranks, encode_features, load_training_images,
-                                     open_run, say, train_stage2)
+                                     data_event, open_run, say, train_stage2)
 from stablediff.training.seeding import seed_everything
 from stablediff.training.unet_stage import make_train_state
 
@@ -56,6 +56,7 @@ def build_finetune(run: RunContext, resume, trust_pickle: bool, device, check, *
     seed_everything(config.seed)
     loaded = with_instance_prompt(load_training_images(config, run_dir), config.finetune.instance_prompt)
     loaded, prior = add_class_images(config, run_dir, loaded, base, device, say)  # DreamBooth: + class images
+    events = [data_event(config, loaded)]
     text_encoder = pipeline_text_encoder(base.pipe, run_dir / BASE_FOLDER)
     fingerprints = {"code": train_state.code_fingerprint(),
                     "data": train_state.data_fingerprint(loaded.images, loaded.captions),
@@ -64,7 +65,7 @@ def build_finetune(run: RunContext, resume, trust_pickle: bool, device, check, *
         check.check_fingerprints(fingerprints)
     vae = base.pipe.vae.eval().requires_grad_(False)
     data = with_prior_weights(encode_features(config, run_dir, vae, loaded, text_encoder), prior)
-    state = trainable_state(run, base, loaded, len(data), data.order_bucket_ids, device)
+    state = trainable_state(run, base, loaded, len(data), data.order_bucket_ids, device, events)
     started = resume.meta.get(schema.TRAINING_STARTED_AT) if resume is not None else None
     state.extra[schema.TRAINING_STARTED_AT] = started or time.time()
     if train_state.unet_resume(resume) is not None:
@@ -72,12 +73,13 @@ def build_finetune(run: RunContext, resume, trust_pickle: bool, device, check, *
         train_state.restore(state, resume.tensors, meta)
     capture = partial(capture_all_ranks, state, None, config.model_dump(mode="json"), fingerprints, run.dist)
     return Stage2(vae, text_encoder, data, state, base.training_scheduler(), capture, None, loaded.held_out,
-                  loaded.held_out_captions, vae.config.scaling_factor)
+                  loaded.held_out_captions, vae.config.scaling_factor, events=events)
 
 
-def trainable_state(run: RunContext, base: Base, loaded, num_samples: int, bucket_ids, device):
-    """The train state of what trains: adapters or unfrozen weights (reported), or the new token's vectors; and
-    the text encoder's adapters (their own learning rate) with finetune.text_encoder.lora."""
+def trainable_state(run: RunContext, base: Base, loaded, num_samples: int, bucket_ids, device, events: list):
+    """The train state of what trains: adapters or unfrozen weights (reported, also as an event appended to
+    `events`), or the new token's vectors; and the text encoder's adapters (their own learning rate) with
+    finetune.text_encoder.lora."""
     config, ft = run.config, run.config.finetune
     lora = make_trainable(base.pipe.unet, ft, config.seed)
     # after the features were cached: the cache never sees the token or the adapters
@@ -88,8 +90,7 @@ def trainable_state(run: RunContext, base: Base, loaded, num_samples: int, bucke
     else:
         report = trainable_report(base.pipe.unet)
         say(format_report(report))
-        if run.metrics is not None:
-            run.metrics.write(event="trainable", blocks=report)
+        events.append({"event": "trainable", "blocks": report})
     text_lr = None  # textual inversion's vectors: train.learning_rate
     if ft.text_encoder.lora:  # the adapters' LoraConfig goes into the checkpoint with the UNet's
         text_lr, lora[schema.TEXT_ENCODER] = ft.text_encoder.learning_rate, live.encoder.config

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Callable
 from pathlib import Path
@@ -119,6 +119,10 @@ class Stage2:
     held_out_captions: list[str] | None
     scaling_factor: float
     complete_at: int | None = None  # set when the resumed checkpoint already reached train.max_steps
+    # This start's metrics.jsonl events (the data counts, a fine-tune's trainable report), written once a
+    # resume has rewound the log: written before, a step-less event would count as the rewind's anchor and
+    # keep the records of the steps about to be redone.
+    events: list[dict] = field(default_factory=list)
 
     def pipeline(self):
         """A diffusers pipeline around the EMA weights (latent models only)."""
@@ -172,6 +176,8 @@ def train_stage2(run: RunContext, trust_pickle: bool, device, allow_config_chang
         stage = (build or build_stage2)(run, resume, trust_pickle, device, check)
     if resume is not None and is_main:
         commit_run_files(config, run_dir, resume, check, metrics, stage.state.extra)
+    for event in stage.events if metrics is not None else ():
+        metrics.write(**event)
     stage.complete_at = completed_step(train_state.unet_resume(resume), config.train.max_steps)
     resume = train_state.unet_resume(resume)  # a stage-1 checkpoint was resumed by build_stage2
     checkpointer = RunCheckpointer(primary, replicas, config.checkpoint, say, run.dist,
@@ -249,7 +255,7 @@ def build_stage2(run: RunContext, resume, trust_pickle: bool, device=torch.devic
         train_state.restore(state, resume.tensors, meta, rank=dist_info.rank)
     capture = partial(capture_all_ranks, state, vae, config.model_dump(mode="json"), fingerprints, dist_info)
     return Stage2(vae, text_encoder, data, state, noise_scheduler, capture, vae_report, held_out,
-                  loaded.held_out_captions, scaling_factor)
+                  loaded.held_out_captions, scaling_factor, events=[data_event(config, loaded)])
 
 
 def load_inputs(run: RunContext, trust_pickle: bool, check: ResumeCheck | None):
@@ -266,6 +272,13 @@ def load_inputs(run: RunContext, trust_pickle: bool, check: ResumeCheck | None):
     if check is not None:
         check.check_fingerprints(fingerprints)
     return loaded, text_encoder, fingerprints
+
+
+def data_event(config: RunConfig, loaded: CaptionedImages) -> dict:
+    """The metrics.jsonl event of what this start trains and validates on (the report's data summary)."""
+    held_out = 0 if loaded.held_out_is_training else len(loaded.held_out)
+    return {"event": "data", "source": config.data.source, "train_images": len(loaded.captions),
+            "held_out_images": held_out}
 
 
 def capture_all_ranks(state, vae, config_dump: dict, fingerprints: dict, dist_info, gather: bool = True):
