@@ -135,9 +135,9 @@ class EvalContext:
             count = s.num_samples // len(prompts) + (1 if index < s.num_samples % len(prompts) else 0)
             if count == 0:
                 continue
-            with torch.random.fork_rng(devices=[]):  # seeded generators; the caller's stream stays as it was
-                batch = txt2img(self.pipe, prompt, steps=s.sample_steps, guidance_scale=s.guidance_scale,
-                                seed=s.seed, num=count)
+            # seeded generators; registry.evaluate, the one caller, already keeps the caller's stream as it was
+            batch = txt2img(self.pipe, prompt, steps=s.sample_steps, guidance_scale=s.guidance_scale,
+                            seed=s.seed, num=count)
             images += batch
             image_prompts += [prompt] * len(batch)
             image_digits += [digits[index]] * len(batch) if digits is not None else []
