@@ -50,9 +50,16 @@ def init(info: DistInfo, device: torch.device) -> None:
     dist.init_process_group(backend, rank=info.rank, world_size=info.world_size, timeout=timedelta(hours=2))
 
 
-def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(synchronize: bool = False) -> None:
+    """Leave the process group. `synchronize` (the normal end of a run) first waits for every rank: a
+    rank that destroys its gloo group while another still works can abort the process (SIGABRT,
+    "terminate called without an active exception"). After an error the ranks do not wait for each
+    other: a rank that failed would never arrive, and torchrun stops the rest."""
+    if not dist.is_initialized():
+        return
+    if synchronize:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def barrier() -> None:

@@ -145,6 +145,7 @@ def run_training(config: RunConfig, run_dir: Path, fresh: bool = False, trust_pi
     try:
         run = open_run(config, run_dir, fresh, dist_info)
         stage = train_stage2(run, trust_pickle, device, allow_config_change)
+        distributed.shutdown(synchronize=True)  # the export and samples are rank 0's alone
         return export_and_sample(config, run_dir, stage) if dist_info.is_main else None
     finally:
         distributed.shutdown()
