@@ -77,6 +77,28 @@ def test_the_metrics_share_one_set_of_images_made_from_the_digit_prompts_and_fix
     assert context.generated() is generated
 
 
+def nines_fine_tune(method: str, **finetune) -> RunConfig:
+    return RunConfig.model_validate({"data": {"source": "builtin:digits?digits=9&count=20", "resolution": 16},
+                                     "finetune": {"base": "/models/base", "method": method, **finetune}})
+
+
+def test_a_one_digit_fine_tune_is_prompted_and_validated_with_its_instance_prompt(pipe):
+    # A textual inversion learned "<nine>", not "nine": its adherence and val_loss must ask for the token.
+    config = nines_fine_tune("textual_inversion", token="<nine>", init_token="eight",
+                             instance_prompt="a handwritten digit <nine>")
+    context = EvalContext(pipe, config, EvalSettings(num_samples=2, sample_steps=2))
+    generated = context.generated()
+    assert generated.prompts == ["a handwritten digit <nine>"] * 2 and list(generated.digits) == [9, 9]
+    held_out = context.held_out()
+    assert len(held_out.captions) > 0 and set(held_out.captions) == {"a handwritten digit <nine>"}
+
+
+def test_a_fine_tune_without_an_instance_prompt_keeps_the_digit_prompts_and_captions(pipe):
+    context = EvalContext(pipe, nines_fine_tune("lora"), EvalSettings(num_samples=2, sample_steps=2))
+    assert context.generated().prompts == ["a handwritten digit nine"] * 2
+    assert all("nine" in caption and "<" not in caption for caption in context.held_out().captions)
+
+
 def test_same_model_and_seed_give_identical_numbers_and_another_seed_others(pipe, results):
     again = evaluate(EvalContext(pipe, DIGITS, SETTINGS), LOCAL)
     assert {n: (r.value, r.spread, r.details) for n, r in again.items()} == \

@@ -290,6 +290,12 @@ class RunConfig(Section):
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     finetune: FinetuneConfig | None = Field(None, description="present in fine-tune configs (`stablediff finetune`)")
 
+    @property
+    def instance_prompt(self) -> str | None:
+        """The caption of every training and held-out image of a DreamBooth or textual-inversion fine-tune
+        (finetune.instance_prompt), which replaces the data's own captions; None otherwise."""
+        return self.finetune.instance_prompt if self.finetune is not None else None
+
     @field_validator("seed")
     @classmethod
     def _seed_non_negative(cls, value: int) -> int:

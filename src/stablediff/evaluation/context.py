@@ -6,8 +6,10 @@ was trained on. Nothing is computed until a metric asks for it, and then only on
 
 - `generated()`: `settings.num_samples` images from the same prompts and seeds for every model (the
   ten digit prompts for builtin:digits, else the run's held-out captions), shared by fd, kid,
-  adherence and clip;
-- `held_out()`: the run's real held-out images and captions (the training's own split);
+  adherence and clip; a DreamBooth or textual-inversion fine-tune of one digit is prompted with its
+  instance prompt, the words it learned the digit by;
+- `held_out()`: the run's real held-out images and captions (the training's own split; a fine-tune's
+  instance prompt replaces the captions, as in its training);
 - `validation()`: their latents and caption embeddings (val_loss), unless the caller passes the
   training's ValidationSet in;
 - reference features of the real images: once per process (a module-level cache keyed by the
@@ -149,6 +151,9 @@ class EvalContext:
         the held-out captions in the split's order (the first num_samples of them)."""
         if self.is_digits:
             digits = list(digit_selection(self.config.data.source))
+            instance = self.config.instance_prompt
+            if instance is not None and len(digits) == 1:  # e.g. "a handwritten digit <nine>": what it learned
+                return [instance], digits
             return [DIGIT_PROMPT.format(word=NUMBER_WORDS[d]) for d in digits], digits
         captions = self.held_out().captions[: self.settings.num_samples]
         return captions, None
@@ -173,6 +178,8 @@ def _load_held_out(config: RunConfig, data_dir: Path | None) -> HeldOut:
 
         raise DataError(f"data.source {config.data.source!r} holds out no images, and fd, kid, bpd and val_loss "
                         "compare with held-out ones; raise data.held_out_fraction or give data.validation_source")
+    if config.instance_prompt is not None:  # as the fine-tune captioned them (finetune/run.with_instance_prompt)
+        return HeldOut(data.held_out, [config.instance_prompt] * len(data.held_out))
     captions = list(data.held_out_captions or [])
     captions += [""] * (len(data.held_out) - len(captions))
     return HeldOut(data.held_out, captions)

@@ -54,7 +54,7 @@ def build_finetune(run: RunContext, resume, trust_pickle: bool, device, check, *
     """Data and features through the base's VAE and text encoder, then what trains made trainable."""
     config, run_dir = run.config, run.run_dir
     seed_everything(config.seed)
-    loaded = with_instance_prompt(load_training_images(config, run_dir), config.finetune.instance_prompt)
+    loaded = with_instance_prompt(load_training_images(config, run_dir), config.instance_prompt)
     loaded, prior = add_class_images(config, run_dir, loaded, base, device, say)  # DreamBooth: + class images
     events = [data_event(config, loaded)]
     text_encoder = pipeline_text_encoder(base.pipe, run_dir / BASE_FOLDER)
