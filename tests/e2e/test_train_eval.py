@@ -148,3 +148,32 @@ def test_a_lora_fine_tune_evaluates_too_and_export_best_follows_the_mark(evaluat
     best = min(fd, key=lambda step: (fd[step], step))
     assert read_eval(run_dir)["best"]["step"] == best
     assert best_step(CheckpointStore(run_dir / "checkpoints"), run_dir) == best  # what export/generate --best take
+
+
+def test_a_sigterm_during_an_evaluation_keeps_its_results_in_eval_json_for_the_resume(monkeypatch, tmp_path):
+    # The signal arrives while step 2 is being evaluated; the run stops at that step's boundary with an
+    # emergency checkpoint, and the resume starts after step 2: it never evaluates step 2 again.
+    import os
+    import signal
+
+    from stablediff.training.eval_step import StepEvaluator
+    from stablediff.training.interrupt import TrainingInterrupted
+
+    original = StepEvaluator.evaluate
+
+    def signalled(self, stage, step):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # a real signal, to the real handler; only the instant is chosen
+        return original(self, stage, step)
+
+    run_dir = tmp_path / "run"
+    monkeypatch.setattr(StepEvaluator, "evaluate", signalled)
+    with pytest.raises(TrainingInterrupted):
+        train(run_dir, EVAL)
+    store = CheckpointStore(run_dir / "checkpoints")
+    assert max(store.steps()) == 2
+    assert read_eval(run_dir)[CHECKPOINTS]["2"]["checkpoint"] == store.read_manifest(2).checksum
+    monkeypatch.setattr(StepEvaluator, "evaluate", original)
+    train(run_dir, EVAL)
+    assert [r["step"] for r in eval_records(run_dir)] == [2, 4]
+    assert set(read_eval(run_dir)[CHECKPOINTS]) == {"2", "4"}

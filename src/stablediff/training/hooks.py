@@ -18,6 +18,7 @@ from stablediff.io.run_files import update_eval
 from stablediff.training.context import RunContext
 from stablediff.training.early_stop import EarlyStopping
 from stablediff.training.eval_step import StepEvaluator
+from stablediff.training.interrupt import TrainingInterrupted
 from stablediff.training.periodic import make_validation_set, run_validation, write_samples
 from stablediff.training import distributed
 from stablediff.training import state as train_state
@@ -63,21 +64,29 @@ class RunHooks(LoopHooks):
         if evaluated and self.evaluator is not None:
             self.evaluator.write_grid(state.step)  # a configured sample grid of this step replaces it
         self._maybe_sample(state)
-        self.checkpointer.after_step(state.step, self.stage.capture, self.last_metrics(state),
-                                     force=validated or evaluated)
+        try:
+            self.checkpointer.after_step(state.step, self.stage.capture, self.last_metrics(state),
+                                         force=validated or evaluated)
+        except TrainingInterrupted:  # a signal during this step's work: its emergency checkpoint is committed
+            self._record(state.step, evaluated, improved, report=False)  # a resume would not evaluate it again
+            raise
+        self._record(state.step, evaluated, improved)
+
+    def _record(self, step: int, evaluated: bool, improved: bool, report: bool = True) -> None:
         if evaluated and self.evaluator is not None:
-            self._after_evaluation(state.step, improved)
+            self._after_evaluation(step, improved, report)
         elif improved and self.dist.is_main:  # after the save is queued: the mark names a checkpoint being written
             update_eval(self.run_dir, best=self.best.best_mark())
 
-    def _after_evaluation(self, step: int, improved: bool) -> None:
+    def _after_evaluation(self, step: int, improved: bool, report: bool = True) -> None:
         """Rank 0, once the step's checkpoint is committed: eval.json's entries (they name it), the best mark
-        and the report."""
+        and (unless stopping on a signal, when time is short) the report."""
         self.checkpointer.wait()
         problems = [self.evaluator.record(step, self.checkpointer.primary)]
         if improved:
             update_eval(self.run_dir, best=self.best.best_mark())
-        problems.append(self.evaluator.write_report())
+        if report:
+            problems.append(self.evaluator.write_report())
         for problem in filter(None, problems):
             print(problem, file=sys.stderr, flush=True)
 
