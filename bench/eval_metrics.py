@@ -108,7 +108,21 @@ def evaluate_run(run_dir: Path, per_digit: int, guidance: float, reference: np.n
     metrics["bpd"] = {**bpd, "seconds": bpd_seconds}
     steps = CheckpointStore(run_dir / "checkpoints").steps()
     return {"run_dir": str(run_dir), "step": steps[-1] if steps else None, "count": len(images),
-            "generation_seconds": generation_seconds, "feature_seconds": feature_seconds, "metrics": metrics}
+            "generation_seconds": generation_seconds, "feature_seconds": feature_seconds, "metrics": metrics,
+            "curve": checkpoint_curve(run_dir)}
+
+
+CURVE_METRICS = ("fd", "kid", "adherence", "bpd")
+
+
+def checkpoint_curve(run_dir: Path) -> dict:
+    """{step: {metric: eval.json's entry}}: what the run's evaluations (train-time, and `stablediff eval` added
+    later) recorded for each checkpoint, so the table shows how each metric moved with training."""
+    from stablediff.io.run_files import read_eval
+
+    checkpoints = read_eval(run_dir).get("checkpoints", {})
+    return {step: {name: entry["metrics"][name] for name in CURVE_METRICS if name in entry["metrics"]}
+            for step, entry in sorted(checkpoints.items(), key=lambda item: int(item[0]))}
 
 
 def real_reference(count: int, reference: np.ndarray) -> dict:
@@ -216,7 +230,36 @@ def render(result: dict) -> str:
                               f"FD {full['fd']['seconds']:.2f}, KID {full['kid']['seconds']:.2f}"))
     lines.append(f"| classifier on the real held-out digits | | | {clf['value']:.3f} | {clf['macro']['precision']:.3f} "
                  f"| {clf['macro']['recall']:.3f} | {clf['macro']['f1']:.3f} | | {clf['seconds']:.2f} |")
-    return "\n".join(lines + ["", *_per_digit_table(result)])
+    return "\n".join(lines + ["", *_per_digit_table(result), *_curve_tables(result)])
+
+
+def _curve_cell(entry: dict | None, name: str) -> str:
+    if entry is None:
+        return "—"
+    spread = entry.get("spread")
+    if name == "adherence":
+        return f"{entry['value']:.0%}"
+    digits = 4 if name in ("kid", "bpd") else 2
+    return f"{entry['value']:.{digits}f}" + (f" ± {spread:.{digits}f}" if spread is not None else "")
+
+
+def _curve_tables(result: dict) -> list[str]:
+    """For each run with evaluations in its eval.json: each metric at each evaluated checkpoint, with seconds."""
+    lines = []
+    for run in result["runs"]:
+        curve = run.get("curve") or {}
+        if not curve:
+            continue
+        counts = sorted({entry["count"] for metrics in curve.values() for entry in metrics.values()})
+        lines += ["", f"Across the checkpoints of {Path(run['run_dir']).name} (its eval.json: {'/'.join(map(str, counts))} "
+                  "images per metric; KID ± std over subsets, bits ± standard error):", "",
+                  "| step | FD ↓ | KID ↓ | adherence ↑ | bits per latent dim ↓ | seconds (FD incl. generating, KID, "
+                  "adherence, bits) |", "|---:|---:|---:|---:|---:|---|"]
+        for step, metrics in curve.items():
+            cells = [_curve_cell(metrics.get(name), name) for name in CURVE_METRICS]
+            seconds = ", ".join(f"{metrics[name]['seconds']:.0f}" if name in metrics else "—" for name in CURVE_METRICS)
+            lines.append(f"| {step} | " + " | ".join(cells) + f" | {seconds} |")
+    return lines
 
 
 if __name__ == "__main__":
