@@ -177,9 +177,9 @@ def train_stage2(run: RunContext, trust_pickle: bool, device, allow_config_chang
         stage = (build or build_stage2)(run, resume, trust_pickle, device, check)
     if resume is not None and is_main:
         commit_run_files(config, run_dir, resume, check, metrics, stage.state.extra)
-    for event in stage.events if metrics is not None else ():
-        metrics.write(**event)
     stage.complete_at = completed_step(train_state.unet_resume(resume), config.train.max_steps)
+    for event in stage.events if metrics is not None and stage.complete_at is None else ():
+        metrics.write(**event)  # a finished run started again logs nothing: it trains nothing
     resume = train_state.unet_resume(resume)  # a stage-1 checkpoint was resumed by build_stage2
     checkpointer = RunCheckpointer(primary, replicas, config.checkpoint, say, run.dist,
                                    rollback_window=config.guard.within_steps if config.guard.enabled else None,
