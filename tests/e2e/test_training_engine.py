@@ -155,7 +155,8 @@ def test_early_stopping_under_torchrun_stops_every_rank_on_rank_zeros_validation
               "--set", "train.validate_every=2", "--set", "early_stopping.patience=1",
               "--set", "early_stopping.min_delta=1000"]  # nothing improves by 1000: the second evaluation stops
     result = subprocess.run(launch, cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1",
+                                 "PYTHONFAULTHANDLER": "1"})  # an abort prints every thread's stack
     assert result.returncode == 0, result.stderr[-3000:]
     store = CheckpointStore(run_dir / "checkpoints")
     assert max(store.steps()) == 4

@@ -37,7 +37,7 @@ from stablediff.training import distributed
 from stablediff.training.interrupt import STOP, handles_signals, safe_point
 from stablediff.training.hooks import make_hooks
 from stablediff.training.precision import resolve_device
-from stablediff.training.unet_stage import make_train_state, train_unet, wrap_data_parallel
+from stablediff.training.unet_stage import make_train_state, train_unet, unwrap_data_parallel, wrap_data_parallel
 from stablediff.training.stage1 import Stage1Saves, vae_stage
 from stablediff.training.vae_stage import VAEReport
 
@@ -207,7 +207,10 @@ def loop_stage2(run: RunContext, stage: Stage2, checkpointer: RunCheckpointer, h
             "images")
     if run.dist.enabled:
         wrap_data_parallel(stage.state)
-    train_unet(stage.state, stage.data, stage.noise_scheduler, stage.scaling_factor, run, hooks)
+    try:
+        train_unet(stage.state, stage.data, stage.noise_scheduler, stage.scaling_factor, run, hooks)
+    finally:
+        unwrap_data_parallel(stage.state)
     if stage.state.stop_reason and stage.complete_at is None:
         say(f"stopped early at step {stage.state.step}: {stage.state.stop_reason}")
     checkpointer.finish(stage.state.step, stage.capture, hooks.last_metrics(stage.state))

@@ -8,6 +8,7 @@ checkpoint hook look at the step. Everything a resumed run needs lives in
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 import warnings
@@ -116,6 +117,16 @@ def wrap_data_parallel(state: UNetTrainState) -> None:
     device = state.precision.device
     state.model = torch.nn.parallel.DistributedDataParallel(
         state.model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def unwrap_data_parallel(state: UNetTrainState) -> None:
+    """The model without its DDP wrapper, once the loop is done. DDP's reducer holds the process group:
+    left alive until interpreter exit, it is destroyed after `destroy_process_group`, in whatever order
+    the interpreter tears objects down, and that aborted a rank (SIGABRT, "terminate called without an
+    active exception", seen under torchrun in the full test suite)."""
+    if isinstance(state.model, torch.nn.parallel.DistributedDataParallel):
+        state.model = state.model.module
+        gc.collect()  # DDP's reference cycles: freed now, while the process group is still alive
 
 
 def train_unet(state: UNetTrainState, data: EncodedDataset, noise_scheduler: DDPMScheduler, scaling_factor: float,
